@@ -1,0 +1,127 @@
+"""DarknetModel: an nn.Module whose ``layers[i]`` is Darknet layer i."""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .builder import build_layer
+from .graph import NetGraph, build_graph
+from .reader import Cfg
+from .specs import DETECTION_TYPES, LayerSpec
+
+DEFAULT_HEADER = {"major": 0, "minor": 2, "revision": 5, "seen": 0}
+
+
+class DarknetModel(nn.Module):
+    """A Darknet network built from its cfg.
+
+    ``model(x)`` with x of shape (N, C, H, W) returns a list with one tensor per output layer
+    (``output_indices``: [yolo]/[Gaussian_yolo]/[region]/[detection] layers, or for classifiers
+    the last layer that is not [cost]). In eval mode each equals Darknet's ``l.output`` of that
+    layer, shaped (N, C, H, W), or (N, outputs) where Darknet's output is flat (softmax,
+    detection). In training mode the detection layers return their raw inputs.
+    """
+
+    def __init__(self, graph: NetGraph, device: Optional[Union[str, torch.device]] = None):
+        super().__init__()
+        self.graph = graph
+        built: List[nn.Module] = []
+        with torch.device(device) if device is not None else _nullcontext():
+            for spec in graph.layers:
+                built.append(build_layer(spec, built))
+        self.layers = nn.ModuleList(built)
+        self.inputs = [spec.inputs for spec in graph.layers]
+        self.output_indices = graph.output_indices
+        last = graph.last_uses()
+        outs = set(self.output_indices)
+        # after layer i has run, outputs no later layer reads can be dropped
+        self._drop_after: List[List[int]] = [[] for _ in graph.layers]
+        for j, i in enumerate(last):
+            if j not in outs:
+                self._drop_after[i].append(j)
+        self.header: Dict[str, int] = dict(DEFAULT_HEADER)
+        self.cfg_text = graph.cfg.text
+
+    # ------------------------------------------------------------------------------ info
+    @property
+    def specs(self) -> List[LayerSpec]:
+        return self.graph.layers
+
+    @property
+    def width(self) -> int:
+        return self.graph.net.width
+
+    @property
+    def height(self) -> int:
+        return self.graph.net.height
+
+    @property
+    def channels(self) -> int:
+        return self.graph.net.channels
+
+    @property
+    def heads(self) -> List[LayerSpec]:
+        return [s for s in self.graph.layers if s.type in DETECTION_TYPES]
+
+    # ---------------------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> List[Tensor]:
+        outs: Dict[int, Tensor] = {-1: x}
+        for i, layer in enumerate(self.layers):
+            srcs = self.inputs[i]
+            y = layer(*[outs[j] for j in srcs]) if srcs else layer(x)
+            outs[i] = y
+            for j in self._drop_after[i]:
+                outs.pop(j, None)
+        results = []
+        for i in self.output_indices:
+            y = outs[i]
+            if self.graph.layers[i].flat and y.dim() > 2:
+                y = y.flatten(1)
+            results.append(y)
+        return results
+
+    def forward_all(self, x: Tensor) -> List[Tensor]:
+        """Every layer's output (for debugging and parity checks); keeps everything alive."""
+        outs: Dict[int, Tensor] = {-1: x}
+        for i, layer in enumerate(self.layers):
+            srcs = self.inputs[i]
+            outs[i] = layer(*[outs[j] for j in srcs]) if srcs else layer(x)
+        return [outs[i] for i in range(len(self.layers))]
+
+    def head_inputs(self, x: Tensor) -> List[Tensor]:
+        """Raw inputs of the detection layers (what the training loss takes)."""
+        was = self.training
+        self.train(True)
+        try:
+            return self.forward(x)
+        finally:
+            self.train(was)
+
+    @torch.no_grad()
+    def fuse(self) -> "DarknetModel":
+        """Fold batch-norm into convolutions (Darknet's fuse_conv_batchnorm, double precision)."""
+        for m in self.layers:
+            if hasattr(m, "fuse"):
+                m.fuse()
+        return self
+
+    def extra_repr(self) -> str:
+        n = self.graph.net
+        return f"cfg={os.path.basename(self.graph.path)!r}, input={n.channels}x{n.height}x{n.width}"
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def build_model(cfg: Union[str, os.PathLike, Cfg], width: Optional[int] = None,
+                height: Optional[int] = None, device=None) -> DarknetModel:
+    """Parse ``cfg`` and build the model (randomly initialised, in train mode like any Module)."""
+    return DarknetModel(build_graph(cfg, width, height), device=device)

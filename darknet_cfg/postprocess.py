@@ -1,0 +1,440 @@
+"""Darknet's box decoding (``get_network_boxes``) and NMS (``do_nms_sort`` / ``diounms_sort``).
+
+Inputs are the outputs of the detection layers as darknet's forward pass leaves them (after
+the layer's own activations), one (C, H, W) array or tensor per layer and image:
+
+* ``[yolo]``: ``n*(5+classes)`` channels, per anchor slot ``[x, y, w, h, obj, cls...]``;
+* ``[Gaussian_yolo]``: ``n*(9+classes)``, per slot ``[x, sx, y, sy, w, sw, h, sh, obj, cls...]``;
+* ``[region]``: ``num*(coords+1+classes)``; darknet's CPU layer stores (H, W, num, K), which
+  must be transposed to (num*K, H, W) first (``oracle_io.region_output_to_chw``).
+
+The arithmetic follows darknet's C expressions (float32 where darknet uses float, float64
+then rounded where it calls ``exp``/``pow`` or divides by a double), so boxes agree with
+darknet to float rounding and threshold decisions (``> thresh``, ``> nms``) are the same.
+Computation is numpy; torch tensors are accepted as input.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Mapping, Optional, Tuple
+
+import numpy as np
+
+__all__ = ["HeadParams", "Detections", "get_network_boxes", "do_nms", "box_iou_matrix",
+           "NMS_KINDS"]
+
+NMS_KINDS = ("default", "greedynms", "diounms", "cornersnms")
+HEAD_KINDS = ("yolo", "Gaussian_yolo", "region")
+
+# darknet's YOLO_POINT enum (Gaussian_yolo ``yolo_point=``)
+YOLO_CENTER, YOLO_LEFT_TOP, YOLO_RIGHT_BOTTOM = 1, 2, 4
+
+_F = np.float32
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    """What box decoding needs from one ``[yolo]`` / ``[Gaussian_yolo]`` / ``[region]`` layer.
+
+    ``anchors`` is the flat list of ALL anchors of the section (``num`` pairs; pixels for
+    yolo / Gaussian_yolo, grid units for region); ``mask`` the anchor ids this layer uses
+    (region: ``0..num-1``). ``yolo_point`` only matters for Gaussian_yolo (1 = centre).
+    """
+    kind: str
+    classes: int
+    mask: Tuple[int, ...]
+    anchors: Tuple[float, ...]
+    scale_x_y: float = 1.0
+    new_coords: int = 0
+    nms_kind: str = "default"
+    beta_nms: float = 0.6
+    coords: int = 4
+    num: int = 0
+    yolo_point: int = YOLO_CENTER
+
+    def __post_init__(self):
+        if self.kind not in HEAD_KINDS:
+            raise ValueError(f"HeadParams: unknown detection layer kind {self.kind!r} "
+                             f"(expected one of {', '.join(HEAD_KINDS)})")
+        object.__setattr__(self, "mask", tuple(int(m) for m in self.mask))
+        object.__setattr__(self, "anchors", tuple(float(a) for a in self.anchors))
+
+    @property
+    def n(self) -> int:
+        """Anchor slots of this layer."""
+        return len(self.mask)
+
+    @property
+    def entries(self) -> int:
+        """Channels per anchor slot."""
+        if self.kind == "yolo":
+            return 5 + self.classes
+        if self.kind == "Gaussian_yolo":
+            return 9 + self.classes
+        return self.coords + 1 + self.classes
+
+    @classmethod
+    def from_layout_layer(cls, layer: Mapping) -> "HeadParams":
+        """Build from one entry of a layout.json ``layers`` list (oracle format)."""
+        kind = layer["type"]
+        p = layer["params"]
+        if kind in ("yolo", "Gaussian_yolo"):
+            return cls(kind=kind, classes=int(p["classes"]), mask=p["mask"], anchors=p["anchors"],
+                       scale_x_y=float(p.get("scale_x_y", 1.0)),
+                       new_coords=int(p.get("new_coords", 0)),
+                       nms_kind=str(p.get("nms_kind", "default")),
+                       beta_nms=float(p.get("beta_nms", 0.6)), coords=4,
+                       num=int(p.get("num", len(p["anchors"]) // 2)),
+                       yolo_point=int(p.get("yolo_point", YOLO_CENTER)))
+        if kind == "region":
+            if p.get("has_softmax_tree") or p.get("has_map"):
+                raise NotImplementedError(
+                    f"layer {layer.get('index')}: [region] with a softmax tree / map is not supported")
+            num = int(p["num"])
+            # darknet leaves l.beta_nms of a [region] layer at 0; only "default" NMS applies.
+            return cls(kind=kind, classes=int(p["classes"]), mask=tuple(range(num)),
+                       anchors=p["anchors"], nms_kind="default", beta_nms=0.0,
+                       coords=int(p.get("coords", 4)), num=num)
+        raise ValueError(f"layer {layer.get('index')}: type {kind!r} is not a detection layer")
+
+
+@dataclass
+class Detections:
+    """Boxes of one image, in darknet's ``get_network_boxes`` order (N boxes).
+
+    ``boxes`` (N, 4) float32 ``x, y, w, h`` (centre and size as fractions of the original
+    image), ``objectness`` (N,), ``probs`` (N, classes) (0 unless above the threshold),
+    provenance ``layer, anchor`` (slot in the mask), ``anchor_id`` (``mask[anchor]``),
+    ``row, col`` (N,) int64, ``uc`` (N, 4) Gaussian_yolo sigmas (zeros for other heads) or None.
+    """
+    boxes: np.ndarray
+    objectness: np.ndarray
+    probs: np.ndarray
+    layer: np.ndarray
+    anchor: np.ndarray
+    anchor_id: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+    uc: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    @property
+    def classes(self) -> int:
+        return int(self.probs.shape[1])
+
+    def with_probs(self, probs: np.ndarray) -> "Detections":
+        """A copy with other class probabilities (e.g. after NMS)."""
+        return Detections(self.boxes.copy(), self.objectness.copy(), probs, self.layer.copy(),
+                          self.anchor.copy(), self.anchor_id.copy(), self.row.copy(),
+                          self.col.copy(), None if self.uc is None else self.uc.copy())
+
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch.Tensor
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x)
+    if a.ndim == 4 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 3:
+        raise ValueError(f"expected a (C, H, W) detection-layer output, got shape {a.shape}")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _anchor_table(head: HeadParams, layer_index) -> np.ndarray:
+    """(n, 2) float32 anchors of the layer's mask slots.
+
+    Darknet reads only the first ``2*num`` anchor values; a mask id past them reads beyond the
+    array (undefined behaviour; the recorded CPU build read 0, e.g. cspx-p7-mish's last head).
+    We use 0 there too, with a warning.
+    """
+    anchors = np.asarray(head.anchors, dtype=np.float32)
+    num = head.num if head.num > 0 else len(anchors) // 2
+    anchors = anchors[: 2 * num]
+    out = np.zeros((head.n, 2), dtype=np.float32)
+    bad = []
+    for slot, m in enumerate(head.mask):
+        if 0 <= m and 2 * m + 1 < len(anchors):
+            out[slot] = anchors[2 * m: 2 * m + 2]
+        else:
+            bad.append(m)
+    if bad:
+        warnings.warn(f"detection layer {layer_index}: mask ids {bad} have no anchor among the "
+                      f"first num={num} pairs; darknet reads past its anchor array there, "
+                      f"using w = h = 0", RuntimeWarning, stacklevel=3)
+    return out
+
+
+def _cells(out: np.ndarray, head: HeadParams, layer_index) -> np.ndarray:
+    """(C, H, W) -> (H*W*n, entries): cells row-major, anchor slots inner (darknet's order)."""
+    C, H, W = out.shape
+    K = head.entries
+    if C != head.n * K:
+        raise ValueError(f"detection layer {layer_index}: output has {C} channels, expected "
+                         f"{head.n}*{K} = {head.n * K} for a [{head.kind}] layer with "
+                         f"{head.classes} classes and {head.n} anchors")
+    return out.reshape(head.n, K, H, W).transpose(2, 3, 0, 1).reshape(H * W * head.n, K)
+
+
+def _decode_layer(out: np.ndarray, head: HeadParams, layer_index, net_w: int, net_h: int,
+                  thresh: np.float32):
+    """Darknet's get_yolo_detections / get_gaussian_yolo_detections / custom_get_region_detections
+    for one layer, before correct_yolo_boxes. Returns a dict of per-box arrays."""
+    _, H, W = out.shape
+    n = head.n
+    v = _cells(out, head, layer_index)
+    cell = np.arange(H * W * n)
+    slot = cell % n
+    row = (cell // n) // W
+    col = (cell // n) % W
+    anchors = _anchor_table(head, layer_index)
+    aw, ah = anchors[slot, 0], anchors[slot, 1]
+    uc = None
+
+    if head.kind == "region":
+        if head.coords != 4:
+            raise NotImplementedError(f"layer {layer_index}: [region] with coords={head.coords}")
+        # every (cell, anchor) becomes a box with objectness 1; sigmoid on x, y at decode time
+        x = (col.astype(_F) + _sigmoid(v[:, 0])) / _F(W)
+        y = (row.astype(_F) + _sigmoid(v[:, 1])) / _F(H)
+        w = (np.exp(v[:, 2].astype(np.float64)) * aw / W).astype(_F)  # double exp, then float
+        h = (np.exp(v[:, 3].astype(np.float64)) * ah / H).astype(_F)
+        scale = v[:, 4]  # sigmoid(obj), applied by the layer's forward
+        probs = scale[:, None] * v[:, 5:5 + head.classes]
+        probs = np.where(probs > thresh, probs, _F(0))
+        objectness = np.ones(len(v), dtype=_F)  # custom_get_region_detections sets 1
+        keep = np.ones(len(v), dtype=bool)
+    elif head.kind == "yolo":
+        objectness = v[:, 4]
+        keep = objectness > thresh  # strict; NaN never passes
+        v, slot, row, col, aw, ah = v[keep], slot[keep], row[keep], col[keep], aw[keep], ah[keep]
+        objectness = objectness[keep]
+        x = (col.astype(_F) + v[:, 0]) / _F(W)
+        y = (row.astype(_F) + v[:, 1]) / _F(H)
+        if head.new_coords:
+            # float expression tw*tw*4*anchor/net_w (tw already a logistic from the conv)
+            w = v[:, 2] * v[:, 2] * _F(4) * aw / _F(net_w)
+            h = v[:, 3] * v[:, 3] * _F(4) * ah / _F(net_h)
+        else:  # exp(x) * anchor / net_w evaluated in double, stored as float
+            w = (np.exp(v[:, 2].astype(np.float64)) * aw / net_w).astype(_F)
+            h = (np.exp(v[:, 3].astype(np.float64)) * ah / net_h).astype(_F)
+        probs = objectness[:, None] * v[:, 5:5 + head.classes]  # not exclusive: many classes per box
+        probs = np.where(probs > thresh, probs, _F(0))
+    else:  # Gaussian_yolo
+        objectness = v[:, 8]
+        keep = objectness > thresh
+        v, slot, row, col, aw, ah = v[keep], slot[keep], row[keep], col[keep], aw[keep], ah[keep]
+        objectness = objectness[keep]
+        w = (np.exp(v[:, 4].astype(np.float64)) * aw / net_w).astype(_F)
+        h = (np.exp(v[:, 6].astype(np.float64)) * ah / net_h).astype(_F)
+        x = (col.astype(_F) + v[:, 0]) / _F(W)
+        y = (row.astype(_F) + v[:, 2]) / _F(H)
+        if head.yolo_point == YOLO_LEFT_TOP:
+            x, y = x + w / _F(2), y + h / _F(2)
+        elif head.yolo_point == YOLO_RIGHT_BOTTOM:
+            x, y = x - w / _F(2), y - h / _F(2)
+        uc = np.stack([v[:, 1], v[:, 3], v[:, 5], v[:, 7]], axis=1)
+        # float sum of the 4 sigmas, /4.0 in double; prob = (obj*cls) * (1.0 - uc_aver) in double
+        uc_aver = (((uc[:, 0] + uc[:, 1]) + uc[:, 2]) + uc[:, 3]).astype(np.float64) / 4.0
+        uc_aver = uc_aver.astype(_F).astype(np.float64)
+        probs = ((objectness[:, None] * v[:, 9:9 + head.classes]).astype(np.float64)
+                 * (1.0 - uc_aver)[:, None]).astype(_F)
+        probs = np.where(probs > thresh, probs, _F(0))
+
+    anchor_id = np.asarray(head.mask, dtype=np.int64)[slot] if len(slot) else slot.astype(np.int64)
+    return dict(boxes=np.stack([x, y, w, h], axis=1).astype(_F), objectness=objectness.astype(_F),
+                probs=probs.astype(_F), anchor=slot.astype(np.int64), anchor_id=anchor_id,
+                row=row.astype(np.int64), col=col.astype(np.int64), uc=uc)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """Darknet's ``logistic_activate``: ``1.f/(1.f + expf(-x))`` in float32.
+
+    expf is taken as the correctly rounded float of the double exp (numpy's own float32 exp
+    may differ by an ulp); with that, region-box x, y match darknet bit for bit.
+    """
+    e = np.exp(-x.astype(np.float64)).astype(_F)
+    return _F(1) / (_F(1) + e)
+
+
+def _correct_boxes(boxes: np.ndarray, kind: str, image_w: int, image_h: int, net_w: int,
+                   net_h: int, letter_box: bool) -> np.ndarray:
+    """Darknet's correct_yolo_boxes (relative=1): undo the letterbox; no clipping.
+
+    ``x = (x - (net_w-new_w)/2/net_w) / (new_w/net_w)`` evaluated in double; ``w *= 1/ratio``
+    (yolo, region) or ``w *= net_w/new_w`` (Gaussian_yolo's own copy of the function).
+    Without letterbox ``new_w = net_w`` and nothing changes.
+    """
+    if not letter_box:
+        return boxes
+    from .preprocess import letterbox_size
+    new_w, new_h = letterbox_size(image_w, image_h, net_w, net_h)
+    ratiow = _F(new_w) / _F(net_w)
+    ratioh = _F(new_h) / _F(net_h)
+    out = boxes.copy()
+    out[:, 0] = ((boxes[:, 0].astype(np.float64) - float(_F(net_w - new_w)) / 2.0 / net_w)
+                 / float(ratiow)).astype(_F)
+    out[:, 1] = ((boxes[:, 1].astype(np.float64) - float(_F(net_h - new_h)) / 2.0 / net_h)
+                 / float(ratioh)).astype(_F)
+    # Build quirk not reproduced: darknet's -Ofast CPU build vectorises 1/ratio into a
+    # reciprocal estimate plus one Newton step (1/1.0 -> 0.99999994, 1/0.75 -> 1.3333333), so
+    # its w, h come out 1 ulp low even without letterbox; we keep the IEEE quotient
+    # (the estimate depends on the CPU's rcpps table).
+    if kind == "Gaussian_yolo":
+        out[:, 2] = boxes[:, 2] * (_F(net_w) / _F(new_w))
+        out[:, 3] = boxes[:, 3] * (_F(net_h) / _F(new_h))
+    else:
+        out[:, 2] = boxes[:, 2] * (_F(1) / ratiow)
+        out[:, 3] = boxes[:, 3] * (_F(1) / ratioh)
+    return out
+
+
+def get_network_boxes(outputs: Mapping[int, object], heads: Mapping[int, HeadParams],
+                      net_w: int, net_h: int, image_w: int, image_h: int,
+                      thresh: float = 0.25, letter_box: bool = False) -> Detections:
+    """Darknet's ``get_network_boxes(net, image_w, image_h, thresh, hier, 0, relative=1, ...)``.
+
+    ``outputs[i]`` is the (C, H, W) output of detection layer ``i`` for one image and
+    ``heads[i]`` its parameters. Layers are visited in index order, cells row-major,
+    anchor slots inner. yolo / Gaussian_yolo emit a box for each slot with ``obj > thresh``;
+    region emits every (cell, anchor) with objectness 1. Class probabilities are
+    ``obj*cls`` (Gaussian: ``*(1-mean(sigmas))``; region: ``sigmoid(obj)*softmax``) and are
+    set to 0 unless ``> thresh``.
+    """
+    if set(outputs) != set(heads):
+        raise ValueError(f"get_network_boxes: outputs for layers {sorted(outputs)} but head "
+                         f"parameters for layers {sorted(heads)}")
+    if not heads:
+        raise ValueError("get_network_boxes: no detection layers")
+    classes = {h.classes for h in heads.values()}
+    if len(classes) != 1:
+        raise ValueError(f"get_network_boxes: detection layers disagree on classes: "
+                         f"{ {i: h.classes for i, h in heads.items()} }")
+    n_cls = classes.pop()
+    th = _F(thresh)
+    parts = []
+    for li in sorted(heads):
+        head = heads[li]
+        d = _decode_layer(_to_numpy(outputs[li]), head, li, int(net_w), int(net_h), th)
+        d["boxes"] = _correct_boxes(d["boxes"], head.kind, int(image_w), int(image_h),
+                                    int(net_w), int(net_h), bool(letter_box))
+        d["layer"] = np.full(len(d["boxes"]), li, dtype=np.int64)
+        parts.append(d)
+
+    def cat(key, shape_tail=(), dtype=_F):
+        arrs = [p[key] for p in parts]
+        return np.concatenate(arrs) if arrs else np.zeros((0,) + shape_tail, dtype)
+
+    uc = None
+    if any(p["uc"] is not None for p in parts):
+        uc = np.concatenate([p["uc"] if p["uc"] is not None
+                             else np.zeros((len(p["boxes"]), 4), _F) for p in parts])
+    return Detections(boxes=cat("boxes", (4,)), objectness=cat("objectness"),
+                      probs=cat("probs", (n_cls,)), layer=cat("layer", dtype=np.int64),
+                      anchor=cat("anchor", dtype=np.int64), anchor_id=cat("anchor_id", dtype=np.int64),
+                      row=cat("row", dtype=np.int64), col=cat("col", dtype=np.int64), uc=uc)
+
+
+# ----------------------------------------------------------------------------- NMS
+
+def box_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Darknet's ``box_iou`` for every pair (rows of a, rows of b), float32 like box.c.
+
+    ``overlap = min(r1, r2) - max(l1, l2)`` per axis with ``l = x - w/2``; intersection 0 if
+    either overlap is negative; ``union = a.w*a.h + b.w*b.h - I``; IoU 0 when I or U is 0.
+    """
+    iou, _ = _pair_terms(a, b, need_diou=False)
+    return iou
+
+
+def _pair_terms(a: np.ndarray, b: np.ndarray, need_diou: bool):
+    a = np.asarray(a, dtype=_F)[:, None, :]
+    b = np.asarray(b, dtype=_F)[None, :, :]
+    half = _F(2)
+    ax, ay, aw, ah = a[..., 0], a[..., 1], a[..., 2], a[..., 3]
+    bx, by, bw, bh = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
+    al, ar, at, ab = ax - aw / half, ax + aw / half, ay - ah / half, ay + ah / half
+    bl, br, bt, bb = bx - bw / half, bx + bw / half, by - bh / half, by + bh / half
+    ow = np.minimum(ar, br) - np.maximum(al, bl)
+    oh = np.minimum(ab, bb) - np.maximum(at, bt)
+    inter = np.where((ow < 0) | (oh < 0), _F(0), ow * oh)
+    union = (aw * ah + bw * bh) - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where((inter == 0) | (union == 0), _F(0), inter / union).astype(_F)
+    if not need_diou:
+        return iou, None
+    # box_c: the smallest box enclosing both; c = diagonal², d = centre distance²
+    cw = np.maximum(ar, br) - np.minimum(al, bl)
+    ch = np.maximum(ab, bb) - np.minimum(at, bt)
+    c = cw * cw + ch * ch
+    d = (ax - bx) * (ax - bx) + (ay - by) * (ay - by)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = d / c
+    return iou, (ratio, c)
+
+
+def _diou_matrix(a: np.ndarray, b: np.ndarray, exponent: float) -> np.ndarray:
+    """``iou - pow(d/c, exponent)`` (pow in double, result float); plain IoU where c == 0."""
+    iou, (ratio, c) = _pair_terms(a, b, need_diou=True)
+    with np.errstate(invalid="ignore"):
+        u = np.power(ratio.astype(np.float64), exponent).astype(_F)
+    return np.where(c == 0, iou, iou - u).astype(_F)
+
+
+def do_nms(dets: Detections, nms_thresh: float = 0.45, kind: str = "default",
+           beta_nms: float = 0.6) -> Detections:
+    """Darknet's ``do_nms_sort`` (kind ``default``) / ``diounms_sort`` (other kinds).
+
+    Returns a copy of ``dets`` (same order) whose ``probs`` have the suppressed entries set to 0.
+    Boxes with objectness 0 take no part. For each class k: sort by ``prob[k]`` descending;
+    each box i with ``prob[k] != 0`` zeroes ``prob[k]`` of every later box j whose score
+    exceeds ``nms_thresh`` (strict). Scores: ``default`` and ``cornersnms`` -> IoU;
+    ``greedynms`` -> ``IoU - (d²/c²)^0.6`` (darknet's box_diou, fixed exponent, beta_nms
+    ignored); ``diounms`` -> ``IoU - (d²/c²)^beta_nms``.
+
+    Darknet sorts with ``qsort`` (not stable), so the order among boxes with exactly equal
+    probabilities is unspecified there; here ties keep the input order (stable sort). Darknet
+    also leaves its array permuted; this function keeps the input order instead.
+    """
+    if kind not in NMS_KINDS:
+        raise ValueError(f"do_nms: unknown nms kind {kind!r} (expected one of {', '.join(NMS_KINDS)})")
+    th = _F(nms_thresh)
+    probs = dets.probs.copy()
+    active = np.flatnonzero(dets.objectness != 0)  # objectness == 0 boxes are moved out first
+    if len(active) == 0:
+        return dets.with_probs(probs)
+
+    boxes = dets.boxes[active]
+    if kind == "greedynms":
+        exponent = 0.6  # box_diou: pow(d/c, 0.6), a double literal; beta_nms is ignored
+    elif kind == "diounms":
+        exponent = float(_F(beta_nms))  # box_diounms: float beta1 promoted to double
+    else:
+        exponent = None  # default; cornersnms suppresses on IoU > thresh exactly like default
+
+    sub = probs[active]
+    for k in range(sub.shape[1]):
+        p = sub[:, k]
+        cand = np.flatnonzero(p != 0)  # darknet skips exactly-zero entries
+        if len(cand) < 2:
+            continue
+        order = cand[np.argsort(-p[cand], kind="stable")]  # prob descending, ties stable
+        cb = boxes[order]
+        alive = np.ones(len(order), dtype=bool)
+        for i in range(len(order) - 1):
+            if not alive[i]:  # an already-suppressed box does not suppress
+                continue
+            later = i + 1 + np.flatnonzero(alive[i + 1:])
+            if len(later) == 0:
+                break
+            if exponent is None:
+                score = box_iou_matrix(cb[i:i + 1], cb[later])[0]
+            else:
+                score = _diou_matrix(cb[i:i + 1], cb[later], exponent)[0]
+            alive[later[score > th]] = False
+        p[order[~alive]] = 0
+        sub[:, k] = p
+    probs[active] = sub
+    return dets.with_probs(probs)

@@ -1,0 +1,97 @@
+"""Darknet's activation functions (activations.h/.c), float32, as a name -> function table."""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _hard_mish(x: Tensor) -> Tensor:
+    return torch.where(x > 0, x, torch.where(x > -2, x * x * 0.5 + x, torch.zeros_like(x)))
+
+
+def _mish(x: Tensor) -> Tensor:
+    # darknet: x * tanh(softplus(x)) with softplus threshold 20 (x > 20 -> x), as torch's mish
+    return F.mish(x)
+
+
+def _selu(x: Tensor) -> Tensor:
+    # darknet's rounded constants, not torch's exact ones
+    return torch.where(x >= 0, 1.0507 * x, 1.0507 * 1.6732 * (torch.exp(x) - 1))
+
+
+def _gelu(x: Tensor) -> Tensor:
+    return 0.5 * x * (1 + torch.tanh(0.797885 * x + 0.035677 * x * x * x))
+
+
+def _plse(x: Tensor) -> Tensor:
+    return torch.where(x < -4, 0.01 * (x + 4), torch.where(x > 4, 0.01 * (x - 4) + 1, 0.125 * x + 0.5))
+
+
+def _lhtan(x: Tensor) -> Tensor:
+    return torch.where(x < 0, 0.001 * x, torch.where(x > 1, 0.001 * (x - 1) + 1, x))
+
+
+def _stair(x: Tensor) -> Tensor:
+    n = torch.floor(x)
+    odd = torch.remainder(n, 2) != 0
+    return torch.where(odd, (x - n) + torch.floor(x / 2), torch.floor(x / 2))
+
+
+def _normalize_channels(x: Tensor) -> Tensor:
+    """Per pixel: positive values divided by (0.0001 + their sum over channels); others 0."""
+    pos = torch.clamp(x, min=0)
+    return pos / (0.0001 + pos.sum(dim=1, keepdim=True))
+
+
+def _normalize_channels_softmax(x: Tensor, use_max: bool = False) -> Tensor:
+    """Per pixel: exp(x - m) / (0.0001 + sum over channels), m = 0 or the channel max."""
+    m = x.amax(dim=1, keepdim=True) if use_max else 0.0
+    e = torch.exp(x - m)
+    return e / (0.0001 + e.sum(dim=1, keepdim=True))
+
+
+ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
+    "linear": lambda x: x,
+    "logistic": torch.sigmoid,
+    "loggy": lambda x: 2 * torch.sigmoid(x) - 1,
+    "relu": F.relu,
+    "relu6": lambda x: torch.clamp(x, 0, 6),
+    "elu": F.elu,
+    "selu": _selu,
+    "gelu": _gelu,
+    "relie": lambda x: torch.where(x > 0, x, 0.01 * x),
+    "plse": _plse,
+    "hardtan": lambda x: torch.clamp(x, -1, 1),
+    "lhtan": _lhtan,
+    "ramp": lambda x: x * (x > 0) + 0.1 * x,
+    "leaky": lambda x: F.leaky_relu(x, 0.1),
+    "revleaky": lambda x: F.leaky_relu(x, 0.1),  # darknet maps revleaky to leaky's forward
+    "tanh": torch.tanh,
+    "stair": _stair,
+    "swish": F.silu,
+    "mish": _mish,
+    "hard_mish": _hard_mish,
+    "normalize_channels": _normalize_channels,
+    "normalize_channels_softmax": _normalize_channels_softmax,
+    "normalize_channels_softmax_maxval": lambda x: _normalize_channels_softmax(x, True),
+}
+
+
+class Activation(nn.Module):
+    """A Darknet activation by name (``leaky``, ``mish``, ...)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        if name not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {name!r}")
+        self.name = name
+        self.fn = ACTIVATIONS[name]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return self.name

@@ -1,0 +1,29 @@
+from setuptools import setup
+
+setup(
+    name="darknet_cfg",
+    version="0.1.0",
+    description="Darknet-compatible cfg interpreter and .weights converter for PyTorch",
+    python_requires=">=3.9",
+    packages=["darknet_cfg", "darknet_cfg.layers", "darknet_cfg.converters", "darknet_cfg.cfg"],
+    package_dir={
+        "darknet_cfg": "darknet_cfg",
+        "darknet_cfg.layers": "layers",
+        "darknet_cfg.converters": "converters",
+        "darknet_cfg.cfg": "cfg",
+    },
+    package_data={"darknet_cfg.cfg": ["*.cfg"]},
+    install_requires=["numpy>=1.22", "torch>=2.1", "click>=8.0", "tqdm>=4.60"],
+    extras_require={
+        "test": ["pytest>=7"],
+        "vision": ["opencv-python-headless>=4.5"],
+        "onnx": ["onnx>=1.14", "onnxruntime>=1.16"],
+    },
+    entry_points={
+        "console_scripts": [
+            "darknet2torch=darknet_cfg.cli:darknet2torch",
+            "torch2darknet=darknet_cfg.cli:torch2darknet",
+            "darknet-cfg=darknet_cfg.cli:main",
+        ]
+    },
+)

@@ -1,0 +1,39 @@
+"""Shared fixtures: the ground-truth folder (../shared, or $DARKNET_CFG_SHARED)."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DARKNET_CFG_SHARED", REPO.parent / "shared")).resolve()
+ORACLE = SHARED / "oracle"
+UPSTREAM_CFG = SHARED / "darknet-cfg"
+IMAGES = SHARED / "images"
+
+HAVE_SHARED = (ORACLE / "README.md").is_file()
+needs_shared = pytest.mark.skipif(
+    not HAVE_SHARED,
+    reason=f"ground-truth data not found at {SHARED} (set DARKNET_CFG_SHARED to the shared/ folder)")
+
+
+def oracle_io():
+    """The oracle's own reader module (numpy only), imported from the shared folder."""
+    if str(ORACLE) not in sys.path:
+        sys.path.insert(0, str(ORACLE))
+    import oracle_io as oio  # noqa: E402
+    return oio
+
+
+def model_names():
+    d = ORACLE / "models"
+    return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+
+
+def ok_layouts():
+    """(cfg path relative to darknet-cfg/, layout json path) for every cfg Darknet parses."""
+    if not HAVE_SHARED:
+        return []
+    import json
+    index = json.loads((ORACLE / "layouts" / "index.json").read_text())
+    return sorted((k, v["layout"]) for k, v in index["cfgs"].items() if v["ok"])
