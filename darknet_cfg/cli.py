@@ -146,5 +146,14 @@ def convert(ctx, cfg, weights, output, width, height, partial):
                height=height, partial=partial)
 
 
+def _register_subcommands() -> None:
+    """Inference and training commands live in their own modules (cli_infer, cli_train)."""
+    from . import cli_infer, cli_train
+    cli_infer.register(main)
+    cli_train.register(main)
+
+
+_register_subcommands()
+
 if __name__ == "__main__":  # pragma: no cover
     main()
