@@ -1,11 +1,14 @@
 """Spec -> nn.Module. The only place that knows both the specs and the layer modules."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Type
+from typing import Callable, Dict, List, Optional, Type
 
 from torch import nn
 
+import warnings
+
 from . import specs as S
+from .options import CfgWarning
 from .errors import DarknetCfgError
 from .layers import conv as C
 from .layers import heads as H
@@ -58,12 +61,31 @@ BUILDERS: Dict[Type[S.LayerSpec], Callable[[S.LayerSpec, List[nn.Module]], nn.Mo
     S.ContrastiveSpec: lambda s, b: H.Passthrough(),
     S.ImplicitSpec: lambda s, b: misc.Implicit(s.filters, s.atoms, s.mean, s.std),
     S.NormalizationSpec: lambda s, b: misc.LocalResponseNorm(s.size, s.alpha, s.beta, s.kappa),
-    S.SoftmaxSpec: lambda s, b: H.Softmax(s.groups, s.temperature, bool(s.spatial)),
+    S.SoftmaxSpec: lambda s, b: H.Softmax(s.groups, s.temperature, bool(s.spatial),
+                                          _tree_groups(s)),
     S.YoloSpec: lambda s, b: H.YoloLayer(s.n, s.classes, s.scale_x_y, bool(s.new_coords)),
     S.GaussianYoloSpec: lambda s, b: H.GaussianYoloLayer(s.n, s.classes, s.scale_x_y),
-    S.RegionSpec: lambda s, b: H.RegionLayer(s.num, s.classes, s.coords, bool(s.softmax)),
+    S.RegionSpec: lambda s, b: H.RegionLayer(s.num, s.classes, s.coords, bool(s.softmax),
+                                             _tree_groups(s)),
     S.DetectionSpec: lambda s, b: H.DetectionLayer(s.side, s.classes, bool(s.softmax)),
 }
+
+
+def _tree_groups(spec) -> Optional[List[int]]:
+    """Group sizes of a hierarchical softmax (tree=), or None for a plain softmax."""
+    if spec.tree is None:
+        return None
+    value, found = spec.tree
+    if found is None:
+        return [-1]  # the layer raises a clear error if it is run
+    from .tree import read_tree_groups
+    sizes = read_tree_groups(found)
+    n = spec.classes if hasattr(spec, "classes") else spec.out_shape.c
+    if sum(sizes) != n:
+        warnings.warn(f"{found}: the class tree has {sum(sizes)} entries but layer {spec.index} "
+                      f"has {n} classes; classes beyond the tree are left un-normalised",
+                      CfgWarning)
+    return sizes
 
 
 def build_layer(spec: S.LayerSpec, built: List[nn.Module]) -> nn.Module:

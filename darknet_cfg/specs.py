@@ -217,6 +217,19 @@ def _activation(o: Options, default: str, key: str = "activation") -> str:
     return name
 
 
+def _tree(o: Options) -> Optional[Tuple[str, Optional[str]]]:
+    """(tree= value, resolved file or None) of a hierarchical softmax."""
+    from .tree import resolve_tree_path
+    value = o.str("tree")
+    if value is None:
+        return None
+    found = resolve_tree_path(value, o.path)
+    if found is None:
+        o.warn(f"class tree {value!r} not found (looked in the working folder and beside the "
+               "cfg); this layer cannot run forward until the file is there", "tree")
+    return value, found
+
+
 def _need_image(o: Options, ctx: Context, what: str) -> Shape:
     s = ctx.input
     if not (s.c and s.h and s.w):
@@ -891,7 +904,7 @@ class SoftmaxSpec(LayerSpec):
     groups: int = 1
     temperature: float = 1.0
     spatial: int = 0
-    tree: Optional[str] = None
+    tree: Optional[Tuple[str, Optional[str]]] = None
     type: ClassVar[str] = "softmax"
     flat: ClassVar[bool] = True
 
@@ -904,7 +917,7 @@ class SoftmaxSpec(LayerSpec):
         o.int("noloss", 0)
         return cls(**cls.base(o, ctx, ctx.input), groups=groups,
                    temperature=o.float("temperature", 1.0), spatial=int(o.float("spatial", 0)),
-                   tree=o.str("tree"))
+                   tree=_tree(o))
 
 
 @register("cost")
@@ -1080,7 +1093,7 @@ class RegionSpec(LayerSpec):
     num: int = 1
     anchors: Tuple[float, ...] = ()
     softmax: int = 0
-    tree: Optional[str] = None
+    tree: Optional[Tuple[str, Optional[str]]] = None
     train: Dict[str, object] = field(default_factory=dict, compare=False)
     type: ClassVar[str] = "region"
 
@@ -1095,7 +1108,7 @@ class RegionSpec(LayerSpec):
         listed = o.floats("anchors") or []
         anchors = tuple(listed[i] if i < len(listed) else 0.5 for i in range(2 * num))
         softmax = o.int("softmax", 0)
-        tree = o.str("tree")
+        tree = _tree(o)
         train = _read_options(o, REGION_OPTIONS)
         return cls(**cls.base(o, ctx, s), classes=classes, coords=coords, num=num,
                    anchors=anchors, softmax=softmax, tree=tree, train=train)

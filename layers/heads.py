@@ -1,8 +1,24 @@
 """Output layers: yolo, Gaussian_yolo, region, detection (YOLOv1), softmax, cost."""
 from __future__ import annotations
 
+from typing import List, Optional
+
 import torch
 from torch import Tensor, nn
+
+
+def grouped_softmax(x: Tensor, sizes: Optional[List[int]], dim: int) -> Tensor:
+    """Softmax over consecutive groups of ``sizes`` along ``dim`` (darknet's softmax_tree);
+    one group over everything when sizes is None."""
+    if sizes is None:
+        return torch.softmax(x, dim=dim)
+    if sizes == [-1]:
+        raise RuntimeError("this layer needs its tree= class hierarchy file, which was not found "
+                           "when the model was built")
+    covered = sum(sizes)
+    parts = torch.split(x, sizes + [x.shape[dim] - covered], dim=dim)
+    # entries beyond the tree (a short tree file) stay raw, as darknet leaves them
+    return torch.cat([torch.softmax(p, dim=dim) for p in parts[:-1]] + [parts[-1]], dim=dim)
 
 
 class YoloLayer(nn.Module):
@@ -56,9 +72,11 @@ class RegionLayer(nn.Module):
     Darknet's CPU buffer is cell-major (H, W, num, K); we return the same values as
     (N, num*K, H, W)."""
 
-    def __init__(self, num: int, classes: int, coords: int = 4, softmax: bool = True):
+    def __init__(self, num: int, classes: int, coords: int = 4, softmax: bool = True,
+                 tree: Optional[List[int]] = None):
         super().__init__()
         self.num, self.classes, self.coords, self.softmax = num, classes, coords, bool(softmax)
+        self.tree = tree  # softmax group sizes of a class hierarchy (yolo9000)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
@@ -68,7 +86,11 @@ class RegionLayer(nn.Module):
         v = x.view(n, self.num, k, h, w)
         parts = [v[:, :, :self.coords], torch.sigmoid(v[:, :, self.coords:self.coords + 1])]
         cls = v[:, :, self.coords + 1:]
-        parts.append(torch.softmax(cls, dim=2) if self.softmax else cls)
+        if self.tree is not None:  # darknet: the tree softmax takes precedence over softmax=1
+            cls = grouped_softmax(cls, self.tree, dim=2)
+        elif self.softmax:
+            cls = torch.softmax(cls, dim=2)
+        parts.append(cls)
         return torch.cat(parts, dim=2).view(n, -1, h, w)
 
 
@@ -93,12 +115,16 @@ class Softmax(nn.Module):
     """[softmax]: exp((x - max)/temperature) normalised over each of ``groups`` contiguous
     slices of the flat input; spatial=1 normalises over channels at every pixel."""
 
-    def __init__(self, groups: int = 1, temperature: float = 1.0, spatial: bool = False):
+    def __init__(self, groups: int = 1, temperature: float = 1.0, spatial: bool = False,
+                 tree: Optional[List[int]] = None):
         super().__init__()
         self.groups, self.temperature, self.spatial = groups, float(temperature), bool(spatial)
+        self.tree = tree
 
     def forward(self, x: Tensor) -> Tensor:
         t = x / self.temperature if self.temperature != 1.0 else x
+        if self.tree is not None:  # hierarchical softmax over the channels (darknet's tree)
+            return grouped_softmax(t, self.tree, dim=1)
         if self.spatial:
             return torch.softmax(t, dim=1)
         n = x.shape[0]

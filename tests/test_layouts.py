@@ -96,3 +96,20 @@ def test_oracle_model_layouts_at_run_size():
             warnings.simplefilter("ignore")
             graph = build_graph(d / "model.cfg", meta["width"], meta["height"])
         assert compare_layout(graph, ref) == [], d.name
+
+
+@needs_shared
+def test_every_cfg_runs_forward_with_the_specs_shapes():
+    """Forward on the meta device (no memory, no arithmetic): every module produces exactly the
+    shape its spec promises, for all the cfgs Darknet parses, with a batch of 2."""
+    for cfg_rel, _ in LAYOUTS:
+        graph = _graph(cfg_rel)
+        model = DarknetModel(graph, device="meta").eval()
+        n = graph.net
+        with torch.no_grad():
+            outs = model.forward_all(torch.empty(2, n.channels, n.height, n.width, device="meta"))
+        for spec, out in zip(graph.layers, outs):
+            if spec.flat:
+                assert out[0].numel() == spec.outputs, (cfg_rel, spec.index)
+            else:
+                assert tuple(out.shape) == (2, *spec.out_shape.as_list()), (cfg_rel, spec.index)
