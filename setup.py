@@ -16,8 +16,9 @@ setup(
     install_requires=["numpy>=1.22", "torch>=2.1", "click>=8.0", "tqdm>=4.60"],
     extras_require={
         "test": ["pytest>=7"],
-        "vision": ["opencv-python-headless>=4.5"],
-        "onnx": ["onnx>=1.14", "onnxruntime>=1.16"],
+        "vision": ["opencv-python-headless>=4.5,<5"],
+        "eval": ["pycocotools>=2.0"],
+        "onnx": ["onnx>=1.14", "onnxruntime>=1.16", "onnxscript>=0.5"],
     },
     entry_points={
         "console_scripts": [

@@ -780,3 +780,49 @@ def region_loss(head_input: Tensor, targets: Tensor, params: RegionLossParams, n
         delta=delta32.permute(0, 3, 4, 1, 2).reshape(N, Ch, H, W).contiguous().to(head_input.device),
         output=out32)
     return _surrogate(cost, stats["delta"], head_input), stats
+
+
+# --------------------------------------------------------------------------- from layer specs
+def _yolo_params_from_spec(spec) -> YoloLossParams:
+    """YoloLossParams of a parsed ``[yolo]`` spec (``model.heads``): its shape fields plus the
+    ``train`` dict of training options (Darknet's parse_yolo defaults already filled in)."""
+    t = dict(spec.train or {})
+    p = dict(classes=spec.classes, num=spec.num, mask=list(spec.mask),
+             anchors=list(spec.all_anchors), scale_x_y=spec.scale_x_y, new_coords=spec.new_coords)
+    for key in ("ignore_thresh", "truth_thresh", "iou_thresh", "iou_thresh_kind", "iou_loss",
+                "iou_normalizer", "obj_normalizer", "cls_normalizer", "delta_normalizer",
+                "max_delta", "label_smooth_eps", "objectness_smooth", "focal_loss",
+                "counters_per_class", "show_details"):
+        if t.get(key) is not None:
+            p[key] = t[key]
+    if t.get("max") is not None:
+        p["max_boxes"] = t["max"]
+    return YoloLossParams.from_layout_params(p)
+
+
+def _region_params_from_spec(spec) -> RegionLossParams:
+    t = dict(spec.train or {})
+    p = dict(classes=spec.classes, coords=spec.coords, num=spec.num, anchors=list(spec.anchors),
+             softmax=spec.softmax, has_softmax_tree=int(spec.tree is not None))
+    for key in ("bias_match", "rescore", "thresh", "coord_scale", "object_scale", "noobject_scale",
+                "class_scale", "classfix", "focal_loss", "absolute"):
+        if t.get(key) is not None:
+            p[key] = t[key]
+    if t.get("max") is not None:
+        p["max_boxes"] = t["max"]
+    return RegionLossParams.from_layout_params(p)
+
+
+YoloLossParams.from_spec = staticmethod(_yolo_params_from_spec)
+RegionLossParams.from_spec = staticmethod(_region_params_from_spec)
+
+
+def head_loss(spec, head_input: Tensor, targets: Tensor, net_w: int, net_h: int, seen: int = 0,
+              params=None) -> Tuple[Tensor, Dict]:
+    """The training loss of one detection layer spec (``model.heads[k]``) on its raw input."""
+    if spec.type == "yolo":
+        return yolo_loss(head_input, targets, params or YoloLossParams.from_spec(spec), net_w, net_h, seen)
+    if spec.type == "region":
+        return region_loss(head_input, targets, params or RegionLossParams.from_spec(spec), net_w, net_h,
+                           seen)
+    raise NotImplementedError(f"training a [{spec.type}] layer is not supported (layer {spec.index})")

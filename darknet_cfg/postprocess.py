@@ -98,6 +98,41 @@ class HeadParams:
                        coords=int(p.get("coords", 4)), num=num)
         raise ValueError(f"layer {layer.get('index')}: type {kind!r} is not a detection layer")
 
+    @classmethod
+    def from_spec(cls, spec) -> "HeadParams":
+        """Build from a parsed layer spec (``model.heads``: YoloSpec, GaussianYoloSpec, RegionSpec).
+
+        Real values are rounded to float32, as darknet stores them. A mask id at or past ``num`` (cspx-p7-mish) gets the anchor the cfg lists, as the model
+        does (darknet reads past its array there); ``num`` grows to cover it.
+        """
+        kind = spec.type
+        f32 = lambda v: float(np.float32(v))
+        if kind in ("yolo", "Gaussian_yolo"):
+            anchors = list(spec.all_anchors)
+            num = int(spec.num)
+            top = max(spec.mask, default=-1) + 1
+            if top > num:
+                anchors += [0.0] * (2 * (top - num))
+                num = top
+            for slot, m in enumerate(spec.mask):  # spec.anchors: one pair per mask entry
+                anchors[2 * m: 2 * m + 2] = spec.anchors[2 * slot: 2 * slot + 2]
+            point = str(spec.train.get("yolo_point", "center"))
+            yolo_point = {"left_top": YOLO_LEFT_TOP, "right_bottom": YOLO_RIGHT_BOTTOM}.get(
+                point, YOLO_CENTER)
+            return cls(kind=kind, classes=int(spec.classes), mask=spec.mask,
+                       anchors=[f32(a) for a in anchors], scale_x_y=f32(spec.scale_x_y),
+                       new_coords=int(spec.new_coords), nms_kind=str(spec.nms_kind),
+                       beta_nms=f32(spec.beta_nms), coords=4, num=num, yolo_point=yolo_point)
+        if kind == "region":
+            if spec.tree or spec.train.get("map"):
+                raise NotImplementedError(
+                    f"layer {spec.index}: [region] with a softmax tree / map is not supported")
+            return cls(kind=kind, classes=int(spec.classes), mask=tuple(range(spec.num)),
+                       anchors=[f32(a) for a in spec.anchors], nms_kind="default", beta_nms=0.0,
+                       coords=int(spec.coords), num=int(spec.num))
+        raise NotImplementedError(f"layer {spec.index}: box decoding for [{spec.section}] layers "
+                                  f"is not supported (only [yolo], [Gaussian_yolo], [region])")
+
 
 @dataclass
 class Detections:

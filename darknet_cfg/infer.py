@@ -1,0 +1,247 @@
+"""Darknet's ``detector test`` pipeline on a DarknetModel: the same boxes Darknet gives.
+
+Darknet (``test_detector``): ``load_image`` -> ``letterbox_image`` if ``[net] letter_box=1`` else
+``resize_image`` -> ``network_predict`` -> ``get_network_boxes(thresh, relative=1)`` ->
+``do_nms_sort`` / ``diounms_sort`` with the LAST detection layer's ``nms_kind`` and ``beta_nms``.
+``Detector`` runs the same steps (batched forward) and keeps them separate so each can be timed.
+
+Also here: Darknet's text output (``draw_detections_v3`` with ``-ext_output``), its ``-out``
+JSON frames (``detection_to_json``) and COCO result records (``print_cocos``).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .errors import DarknetError
+from .postprocess import (NMS_KINDS, Detections, HeadParams, _diou_matrix, box_iou_matrix, do_nms,
+                          get_network_boxes)
+from .preprocess import detector_input, load_image
+
+__all__ = ["Detector", "nms_matrix", "COCO_NAMES", "COCO_IDS", "darknet_lines", "json_frame",
+           "coco_records", "coco_image_id", "selected"]
+
+COCO_NAMES = tuple((  # darknet's data/coco.names
+    "person,bicycle,car,motorbike,aeroplane,bus,train,truck,boat,traffic light,fire hydrant,"
+    "stop sign,parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,"
+    "backpack,umbrella,handbag,tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,"
+    "baseball glove,skateboard,surfboard,tennis racket,bottle,wine glass,cup,fork,knife,spoon,bowl,"
+    "banana,apple,sandwich,orange,broccoli,carrot,hot dog,pizza,donut,cake,chair,sofa,pottedplant,"
+    "bed,diningtable,toilet,tvmonitor,laptop,mouse,remote,keyboard,cell phone,microwave,oven,"
+    "toaster,sink,refrigerator,book,clock,vase,scissors,teddy bear,hair drier,toothbrush"
+).split(","))
+# darknet's coco_ids (validate_detector): class index -> COCO category id
+COCO_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
+            27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51,
+            52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77,
+            78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90)
+
+Image = Union[str, os.PathLike, np.ndarray]
+
+
+def _head_params(specs) -> Dict[int, HeadParams]:
+    """HeadParams per detection layer; unsupported heads become a user error."""
+    try:
+        return {s.index: HeadParams.from_spec(s) for s in specs}
+    except NotImplementedError as e:
+        raise DarknetError(str(e)) from None
+
+
+class Detector:
+    """Darknet's detector: ``detect(images)`` -> one post-NMS ``Detections`` per image.
+
+    ``letter_box=None`` takes ``[net] letter_box`` from the cfg. ``thresh`` applies to
+    objectness and to ``obj*cls`` (strict ``>``), ``nms`` to IoU/DIoU (strict ``>``), both as
+    in Darknet. Images are paths or float32 (3, H, W) RGB arrays in [0, 1] (``load_image``).
+    ``channels_last`` / ``dtype`` are speed options (float32 default keeps Darknet's numbers).
+    """
+
+    def __init__(self, model, thresh: float = 0.25, nms: float = 0.45,
+                 letter_box: Optional[bool] = None, device=None, channels_last: bool = False,
+                 dtype: Optional[torch.dtype] = None):
+        specs = model.heads
+        if not specs:
+            raise DarknetError(f"{os.path.basename(model.graph.path)}: no [yolo], "
+                               "[Gaussian_yolo] or [region] layer; not a detector")
+        self.heads: Dict[int, HeadParams] = _head_params(specs)
+        last = self.heads[max(self.heads)]
+        self.nms_kind, self.beta_nms, self.classes = last.nms_kind, last.beta_nms, last.classes
+        self.model = model.eval()
+        self.thresh, self.nms_thresh = float(thresh), float(nms)
+        self.letter_box = bool(model.graph.net.letter_box) if letter_box is None else bool(letter_box)
+        self.net_w, self.net_h = model.width, model.height
+        if device is not None:
+            self.model.to(device)
+        self.device = next(self.model.parameters()).device
+        self.dtype = dtype or torch.float32
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if dtype is not None:
+            self.model.to(dtype)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    # ---------------------------------------------------------------------------- steps
+    def prepare(self, image: Image) -> Tuple[np.ndarray, Tuple[int, int]]:
+        """Network input (3, net_h, net_w) and the original (width, height) of one image."""
+        im = load_image(image) if not isinstance(image, np.ndarray) else image
+        return detector_input(im, self.net_w, self.net_h, self.letter_box), (im.shape[2], im.shape[1])
+
+    def forward(self, batch: np.ndarray) -> List[Dict[int, np.ndarray]]:
+        """Batched forward of (N, 3, h, w) inputs; per image ``{layer: (C, H, W) float32}``."""
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        x = x.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
+        with torch.inference_mode():
+            outs = self.model(x)
+        arrays = [o.float().cpu().numpy() for o in outs]
+        idx = self.model.output_indices
+        return [{li: a[n] for li, a in zip(idx, arrays)} for n in range(len(batch))]
+
+    def decode(self, outputs: Dict[int, np.ndarray], size: Tuple[int, int]) -> Detections:
+        """Darknet's get_network_boxes for one image of (width, height) ``size``."""
+        return get_network_boxes(outputs, self.heads, self.net_w, self.net_h, size[0], size[1],
+                                 thresh=self.thresh, letter_box=self.letter_box)
+
+    def suppress(self, dets: Detections) -> Detections:
+        """Darknet's NMS with the last detection layer's kind (do_nms_sort / diounms_sort)."""
+        if self.nms_thresh <= 0:  # darknet skips NMS when nms == 0
+            return dets
+        return nms_matrix(dets, self.nms_thresh, kind=self.nms_kind, beta_nms=self.beta_nms)
+
+    def detect(self, images: Sequence[Image], batch_size: int = 8) -> List[Detections]:
+        """Boxes after NMS for each image (a single path or array is wrapped in a list), run
+        through the network ``batch_size`` images at a time."""
+        if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray)
+                                                       and images.ndim == 3):
+            images = [images]
+        results: List[Detections] = []
+        for start in range(0, len(images), batch_size):
+            prepared = [self.prepare(im) for im in images[start:start + batch_size]]
+            outs = self.forward(np.stack([p[0] for p in prepared]))
+            for out, (_, size) in zip(outs, prepared):
+                results.append(self.suppress(self.decode(out, size)))
+        return results
+
+
+def nms_matrix(dets: Detections, nms_thresh: float = 0.45, kind: str = "default",
+               beta_nms: float = 0.6, max_boxes: int = 4096) -> Detections:
+    """``postprocess.do_nms`` with every pair's score computed once, vectorised.
+
+    Same result bit for bit: the pair scores are the same float32 expressions (evaluated for
+    all pairs at once instead of row by row), and each class still runs Darknet's greedy pass
+    (sorted by prob, a box suppresses later boxes with score > thresh unless already
+    suppressed). Falls back to ``do_nms`` above ``max_boxes`` taking part (memory)."""
+    if kind not in NMS_KINDS:
+        raise ValueError(f"do_nms: unknown nms kind {kind!r} (expected one of {', '.join(NMS_KINDS)})")
+    probs = dets.probs.copy()
+    active = np.flatnonzero(dets.objectness != 0)
+    nz = probs[active] != 0
+    classes = np.flatnonzero(nz.sum(axis=0) >= 2)  # a class with < 2 boxes has nothing to do
+    rows = active[nz[:, classes].any(axis=1)]
+    if len(classes) == 0:
+        return dets.with_probs(probs)
+    if len(rows) > max_boxes:
+        return do_nms(dets, nms_thresh, kind, beta_nms)
+    boxes = dets.boxes[rows]
+    if kind == "greedynms":
+        score = _diou_matrix(boxes, boxes, 0.6)
+    elif kind == "diounms":
+        score = _diou_matrix(boxes, boxes, float(np.float32(beta_nms)))
+    else:
+        score = box_iou_matrix(boxes, boxes)
+    over = score > np.float32(nms_thresh)  # over[i, j]: box i (higher prob) suppresses box j
+    for k in classes:
+        p = probs[rows, k]
+        cand = np.flatnonzero(p != 0)
+        order = cand[np.argsort(-p[cand], kind="stable")]
+        o = over[np.ix_(order, order)]
+        alive = np.ones(len(order), dtype=bool)
+        for i in range(len(order) - 1):
+            if alive[i]:
+                alive[i + 1:] &= ~o[i, i + 1:]
+        p[order[~alive]] = 0
+        probs[rows, k] = p
+    return dets.with_probs(probs)
+
+
+# ------------------------------------------------------------------------------ output formats
+
+def selected(dets: Detections, names: Sequence[str], thresh: float) -> List[Tuple[int, int]]:
+    """Darknet's get_actual_detections: (box index, best class) for boxes with a class > thresh
+    (names starting with ``dont_show`` are never best), in box order."""
+    probs = dets.probs.copy()
+    hidden = [i for i, n in enumerate(names[:probs.shape[1]]) if n.startswith("dont_show")]
+    probs[:, hidden] = 0
+    best = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
+    ok = probs[np.arange(len(probs)), best] > np.float32(thresh) if len(probs) else best > 0
+    return [(int(i), int(best[i])) for i in np.flatnonzero(ok)]
+
+
+def _pixels(box, w: int, h: int) -> Tuple[float, float, float, float]:
+    x, y, bw, bh = (float(v) for v in box)
+    r = lambda v: float(math.floor(v + 0.5)) if v >= 0 else -float(math.floor(-v + 0.5))  # C round
+    return r((x - bw / 2) * w), r((y - bh / 2) * h), r(bw * w), r(bh * h)
+
+
+def darknet_lines(dets: Detections, names: Sequence[str], image_w: int, image_h: int,
+                  thresh: float) -> List[str]:
+    """What ``detector test -ext_output`` prints: boxes sorted by left edge, best class first,
+    then every other class above thresh, each ``name: 99%\\t(left_x: ... height: ...)``."""
+    sel = selected(dets, names, thresh)
+    left = lambda i: float(dets.boxes[i, 0] - dets.boxes[i, 2] / 2)
+    sel.sort(key=lambda s: left(s[0]))
+    lines = []
+    for i, best in sel:
+        lx, ty, bw, bh = _pixels(dets.boxes[i], image_w, image_h)
+        coords = f"\t(left_x: {lx:4.0f}   top_y: {ty:4.0f}   width: {bw:4.0f}   height: {bh:4.0f})"
+        others = [j for j in np.flatnonzero(dets.probs[i] > np.float32(thresh)) if j != best]
+        for j in [best] + [int(j) for j in others]:
+            lines.append(f"{names[j]}: {dets.probs[i, j] * 100:.0f}%{coords}")
+    return lines
+
+
+def json_frame(dets: Detections, names: Sequence[str], frame_id: int,
+               filename: Optional[str]) -> dict:
+    """Darknet's ``detection_to_json``: one object per box and class with a non-zero prob."""
+    objects = []
+    for i, j in zip(*np.nonzero(dets.probs > np.float32(0.005))):
+        if names[j].startswith("dont_show"):
+            continue
+        x, y, w, h = (round(float(v), 6) for v in dets.boxes[i])
+        objects.append({"class_id": int(j), "name": names[j],
+                        "relative_coordinates": {"center_x": x, "center_y": y, "width": w,
+                                                 "height": h},
+                        "confidence": round(float(dets.probs[i, j]), 6)})
+    frame = {"frame_id": int(frame_id)}
+    if filename is not None:
+        frame["filename"] = filename
+    frame["objects"] = objects
+    return frame
+
+
+def coco_image_id(path: str) -> Union[int, str]:
+    """Darknet's get_coco_image_id (digits after the last '_' of the name); else the stem."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    m = re.search(r"(\d+)$", stem.rsplit("_", 1)[-1])
+    return int(m.group(1)) if m else stem
+
+
+def coco_records(dets: Detections, image_id, image_w: int, image_h: int) -> List[dict]:
+    """Darknet's ``print_cocos``: ``bbox = [x_min, y_min, w, h]`` in pixels, clipped to the
+    image; one record per box and class with prob > 0; 80-class models use COCO category ids."""
+    b = dets.boxes.astype(np.float64)
+    x0 = np.clip((b[:, 0] - b[:, 2] / 2) * image_w, 0, image_w)
+    x1 = np.clip((b[:, 0] + b[:, 2] / 2) * image_w, 0, image_w)
+    y0 = np.clip((b[:, 1] - b[:, 3] / 2) * image_h, 0, image_h)
+    y1 = np.clip((b[:, 1] + b[:, 3] / 2) * image_h, 0, image_h)
+    ids = COCO_IDS if dets.classes == len(COCO_IDS) else range(dets.classes)
+    out = []
+    for i, j in zip(*np.nonzero(dets.probs > 0)):
+        out.append({"image_id": image_id, "category_id": int(ids[j]),
+                    "bbox": [round(float(v), 4) for v in (x0[i], y0[i], x1[i] - x0[i], y1[i] - y0[i])],
+                    "score": round(float(dets.probs[i, j]), 6)})
+    return out

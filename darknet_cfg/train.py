@@ -1,0 +1,574 @@
+"""Darknet-faithful training driven by the cfg (``darknet detector train`` semantics).
+
+What follows Darknet exactly:
+
+* learning rate: ``get_current_rate`` (burn_in ``lr*(i/burn_in)^power``, then the policy: constant,
+  step, steps, exp, poly, sigmoid, sgdr, random), evaluated after each iteration's
+  ``seen += batch`` with ``batch_num = seen/(batch*subdivisions)`` = the iteration number;
+* SGD: ``update_network`` (``v = momentum*v - grad_sum - decay*B*W;  W += rate/B * v`` with
+  B = batch*subdivisions images per iteration; decay only on conv/connected/shortcut ``weights``,
+  never on biases or batch-norm scales) -- the same as ``torch.optim.SGD`` with
+  ``lr=rate/B, momentum, weight_decay=decay*B`` for the weights and no decay for the rest;
+* gradient accumulation over ``subdivisions`` mini-batches of ``batch/subdivisions`` images; the
+  loss is darknet's (``loss.py``, its gradient is ``-l.delta`` summed over the images);
+* the reported loss is ``train_network``'s ``sum over subdivisions of mean(layer costs) /
+  (subdivisions*mini_batch)`` and ``avg_loss = 0.9*avg_loss + 0.1*loss``;
+* multi-scale training (``random`` of the last layer, resized every 10 iterations, largest size
+  first and for the last 100 iterations), checkpoints ``<cfg>_last.weights`` (every 100
+  iterations), ``<cfg>_<iteration>.weights`` (every 1000, every 10000 after 10000),
+  ``<cfg>_best.weights`` (best mAP with --map), ``<cfg>_final.weights``; header
+  ``seen = iteration*batch*subdivisions``; resuming from a .weights file continues at
+  ``seen/(batch*subdivisions)``; atomic writes.
+
+Batch-norm in training mode: darknet normalises with the UNBIASED batch variance; PyTorch's
+BatchNorm with the biased one. ``use_darknet_batchnorm(model)`` (on by default in the trainer)
+rescales the BN weight per channel by ``sqrt((var_b+eps)/(var_u+eps))`` so the native kernel
+computes darknet's forward, with the exact autograd gradient of that forward (darknet's own CPU BN
+backward is an approximation; the oracle's variant_fixed shows the difference is ~1e-3 relative).
+Running statistics: both use ``0.9*rolling + 0.1*batch`` with the unbiased variance.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import types
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DarknetError
+from .loss import RegionLossParams, YoloLossParams, region_loss, yolo_loss
+from .options import CfgWarning
+
+__all__ = ["get_current_rate", "darknet_param_groups", "make_optimizer", "set_rate",
+           "use_darknet_batchnorm", "HeadLoss", "train_step_loss", "Trainer", "TrainOptions",
+           "images_per_iteration", "checkpoint_names"]
+
+
+# ----------------------------------------------------------------------------- LR schedule
+def get_current_rate(settings: Dict, batch_num: int, rand=None) -> float:
+    """Darknet's get_current_rate for ``batch_num = seen/(batch*subdivisions)``."""
+    lr = float(settings.get("learning_rate", 0.001))
+    burn_in = int(settings.get("burn_in", 0) or 0)
+    power = float(settings.get("power", 4.0))
+    if batch_num < burn_in:
+        return lr * math.pow(batch_num / burn_in, power)
+    policy = settings.get("policy", "constant")
+    if policy == "constant":
+        return lr
+    if policy == "step":
+        return lr * math.pow(float(settings.get("scale", 1.0)), batch_num // int(settings.get("step", 1)))
+    if policy == "steps":
+        rate = lr
+        for st, sc in zip(settings.get("steps") or [], settings.get("scales") or []):
+            if st > batch_num:
+                return rate
+            rate *= sc
+        return rate
+    if policy == "exp":
+        return lr * math.pow(float(settings.get("gamma", 1.0)), batch_num)
+    if policy == "poly":
+        mb = int(settings.get("max_batches", 0) or 0)
+        base = 1 - batch_num / mb if mb else 0.0
+        return lr * math.pow(base, power) if base > 0 or power == int(power) else 0.0
+    if policy == "sigmoid":
+        g, step = float(settings.get("gamma", 1.0)), int(settings.get("step", 1))
+        z = g * (batch_num - step)
+        return lr * (1.0 / (1.0 + math.exp(z))) if z < 700 else 0.0
+    if policy == "random":
+        u = (rand or np.random).random()
+        return lr * math.pow(u, power)
+    if policy == "sgdr":
+        last = 0
+        cycle = int(settings.get("sgdr_cycle") or settings.get("max_batches", 0) or 1)
+        mult = int(settings.get("sgdr_mult", 2))
+        while last + cycle < batch_num:
+            last += cycle
+            cycle *= mult
+        lr_min = float(settings.get("learning_rate_min", 0.00001))
+        return lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos((batch_num - last) * 3.14159265 / cycle))
+    return lr                                           # darknet: "Policy is weird!"
+
+
+def images_per_iteration(settings: Dict) -> Tuple[int, int, int]:
+    """(mini_batch, subdivisions, images per iteration) as darknet computes them."""
+    batch, sub = int(settings.get("batch", 1)), int(settings.get("subdivisions", 1))
+    mini = max(1, batch // sub)
+    return mini, sub, mini * sub
+
+
+# ------------------------------------------------------------------------------ optimizer
+def darknet_param_groups(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
+    """(decayed, not decayed) parameters: darknet applies decay to the tensors its .weights calls
+    ``weights`` (conv, connected, local, shortcut, implicit), not to biases or BN scales."""
+    decay, seen = [], set()
+    for m in model.modules():
+        if hasattr(m, "darknet_tensors"):
+            for name, t in m.darknet_tensors():
+                if isinstance(t, nn.Parameter) and name.split(".")[-1] == "weights" and id(t) not in seen:
+                    decay.append(t)
+                    seen.add(id(t))
+    no_decay = [p for p in model.parameters() if id(p) not in seen and p.requires_grad]
+    return decay, no_decay
+
+
+def make_optimizer(model: nn.Module, settings: Dict) -> torch.optim.SGD:
+    decay, no_decay = darknet_param_groups(model)
+    mom = float(settings.get("momentum", 0.9))
+    groups = [dict(params=decay, darknet_decay=True), dict(params=no_decay, darknet_decay=False)]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.SGD(groups, lr=0.0, momentum=mom, dampening=0.0, weight_decay=0.0)
+
+
+def set_rate(opt: torch.optim.Optimizer, rate: float, settings: Dict, batch: int) -> None:
+    """lr = rate/batch, weight_decay = decay*batch (decay group only): darknet's update_network."""
+    decay = float(settings.get("decay", 0.0001))
+    for g in opt.param_groups:
+        g["lr"] = rate / batch
+        g["weight_decay"] = decay * batch if g.get("darknet_decay") else 0.0
+
+
+# -------------------------------------------------------------------------------- batchnorm
+def _darknet_bn_forward(self, x):
+    if not self.training:
+        return self._torch_forward(x)
+    dims = [d for d in range(x.dim()) if d != 1]
+    n = x.numel() // x.shape[1]
+    if n < 2:
+        return self._torch_forward(x)
+    var_b = x.var(dim=dims, correction=0)
+    k = torch.sqrt((var_b + self.eps) / (var_b * (n / (n - 1)) + self.eps))
+    return F.batch_norm(x, self.running_mean, self.running_var, self.weight * k, self.bias,
+                        True, self.momentum, self.eps)
+
+
+def use_darknet_batchnorm(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Make every BatchNorm of ``model`` normalise with the unbiased batch variance in training
+    mode (darknet's forward_batchnorm_layer); eval mode is unchanged."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if enabled:
+                if not hasattr(m, "_torch_forward"):
+                    m._torch_forward = m.forward
+                m.forward = types.MethodType(_darknet_bn_forward, m)
+            elif hasattr(m, "_torch_forward"):
+                m.forward = m._torch_forward
+    return model
+
+
+# ------------------------------------------------------------------------------------- loss
+class HeadLoss:
+    """Darknet's loss of every detection layer of ``model`` (built once from the specs)."""
+
+    def __init__(self, model):
+        self.heads = []
+        for spec in model.heads:
+            if spec.type == "yolo":
+                self.heads.append((spec, yolo_loss, YoloLossParams.from_spec(spec)))
+            elif spec.type == "region":
+                self.heads.append((spec, region_loss, RegionLossParams.from_spec(spec)))
+            else:
+                raise DarknetError(f"training a [{spec.section}] layer (layer {spec.index}) is not "
+                                   "supported: only [yolo] and [region]")
+        if not self.heads:
+            raise DarknetError("the cfg has no [yolo]/[region] layer to train")
+        self.classes = {p.classes for _, _, p in self.heads}
+
+    def __call__(self, outs, targets, net_w: int, net_h: int, seen: int):
+        """(sum of the layer losses: gradient = -delta summed over images, list of stats)."""
+        total, stats = None, []
+        # the loss works on small tensors: one thread avoids OpenMP synchronisation costs that
+        # dominate (milliseconds per tiny op) when the cores are shared
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            results = [fn(x, targets, params, net_w, net_h, seen=seen)
+                       for (spec, fn, params), x in zip(self.heads, outs)]
+        finally:
+            torch.set_num_threads(threads)
+        for loss, st in results:
+            st.pop("assignments", None)
+            st.pop("output", None)
+            st.pop("delta", None)
+            total = loss if total is None else total + loss
+            stats.append(st)
+        return total, stats
+
+
+def train_step_loss(model, head_loss: HeadLoss, images, targets, seen: int):
+    """Forward + loss + backward of one mini-batch; returns darknet's network cost (mean of the
+    layer costs) and the per-layer stats."""
+    outs = model(images)
+    total, stats = head_loss(outs, targets, images.shape[3], images.shape[2], seen)
+    total.backward()
+    return float(np.mean([s["cost"] for s in stats])), stats
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def checkpoint_names(backup: str, cfg_path: str) -> Dict[str, str]:
+    base = os.path.splitext(os.path.basename(cfg_path))[0]
+    j = lambda s: os.path.join(backup, f"{base}_{s}.weights")  # noqa: E731
+    return dict(base=base, last=j("last"), final=j("final"), best=j("best"),
+                iteration=os.path.join(backup, base + "_{}.weights"))
+
+
+def _save(model, path: str, seen: int) -> None:
+    from .converters.weights import save_weights
+    model.header = dict(major=0, minor=2, revision=5, seen=int(seen))
+    save_weights(model, path)
+
+
+# ------------------------------------------------------------------------------ distributed
+def _init_distributed(device: torch.device) -> Tuple[int, int, bool]:
+    """(rank, world size, whether we created the process group). torchrun sets WORLD_SIZE."""
+    import torch.distributed as dist
+    if not dist.is_available():
+        return 0, 1, False
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, False
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def _broadcast_module(model: nn.Module) -> None:
+    """Every process starts from rank 0's parameters and buffers."""
+    import torch.distributed as dist
+    for t in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(t.data, 0)
+
+
+def _sync_gradients_and_stats(model: nn.Module, cost: float) -> float:
+    """Sum the gradients over the processes (darknet sums over the images of an iteration),
+    average the batch-norm running statistics (every process then holds the same model) and sum
+    the reported cost. One all_reduce of a flat buffer."""
+    import torch.distributed as dist
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    stats = [b for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))]
+    dev = grads[0].device if grads else (stats[0].device if stats else torch.device("cpu"))
+    world = dist.get_world_size()
+    flat = torch.cat([g.reshape(-1) for g in grads] + [b.reshape(-1) / world for b in stats]
+                     + [torch.tensor([cost], dtype=torch.float32, device=dev)])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    k = 0
+    for t in grads + stats:
+        n = t.numel()
+        t.copy_(flat[k:k + n].view_as(t))
+        k += n
+    return float(flat[k].item())
+
+
+# ---------------------------------------------------------------------------------- trainer
+def _worker_init(_worker_id: int) -> None:
+    """Data workers decode and resize single-threaded (the cores belong to the training step)."""
+    try:
+        import cv2
+        cv2.setNumThreads(1)
+    except ImportError:
+        pass
+    torch.set_num_threads(1)
+
+
+UNSUPPORTED_NET = {"mosaic": 0, "mixup": 0, "cutmix": 0, "blur": 0, "gaussian_noise": 0,
+                   "adam": 0, "contrastive": 0, "track": 0, "ema_alpha": 0.0, "dynamic_minibatch": 0,
+                   "adversarial_lr": 0.0, "attention": 0, "unsupervised": 0}
+
+
+def _unsupported_warnings(model) -> List[str]:
+    """One message per training key the cfg sets that this trainer does not implement."""
+    cfg, msgs = model.graph.cfg, []
+    net = cfg.sections[0]
+    for key, default in UNSUPPORTED_NET.items():
+        opt = net.get(key)
+        if opt is not None:
+            try:
+                v = float(opt.value.split("#")[0] or 0)
+            except ValueError:
+                v = 1.0
+            if v != default:
+                msgs.append(f"{cfg.path}:{opt.line}: [net] {key}={opt.value} is not supported by "
+                            "the trainer and is ignored")
+    for spec in model.graph.layers:
+        sec = cfg.sections[spec.index + 1]
+        for key in ("stopbackward", "train_only_bn", "learning_rate", "map", "embedding_layer"):
+            opt = sec.get(key)
+            if opt is None:
+                continue
+            if key == "learning_rate" and _num(opt.value) == 1.0:
+                continue
+            if key in ("stopbackward", "train_only_bn") and _num(opt.value) == 0:
+                continue
+            msgs.append(f"{cfg.path}:{opt.line}: [{sec.name}] {key}={opt.value} is not supported by "
+                        "the trainer and is ignored")
+    return msgs
+
+
+def _num(v: str) -> float:
+    try:
+        return float(v.split("#")[0])
+    except ValueError:
+        return float("nan")
+
+
+@dataclass
+class TrainOptions:
+    data: str
+    cfg: str
+    weights: Optional[str] = None
+    clear: bool = False
+    device: str = "cpu"
+    workers: int = 2
+    max_batches: Optional[int] = None
+    calc_map: bool = False
+    map_every: Optional[int] = None
+    backup: Optional[str] = None
+    seed: int = 0
+    progress: bool = True
+    threads: Optional[int] = None
+    darknet_bn: bool = True
+    augment: bool = True
+    log: Optional[object] = None          # callable(str) for messages; default: print to stderr
+    on_iteration: Optional[object] = None  # callable(trainer, info dict) after each iteration
+    history: List[Dict] = field(default_factory=list)
+
+
+class Trainer:
+    """``darknet detector train`` in PyTorch. ``Trainer(TrainOptions(...)).run()``."""
+
+    def __init__(self, opts: TrainOptions):
+        from . import build_model, load_weights
+        from .data import (AugmentParams, DataError, DetectionDataset, read_data_file, read_list,
+                           scan_dataset)
+        self.o = o = opts
+        if o.threads:
+            torch.set_num_threads(o.threads)
+        self.device = torch.device(o.device)
+        self.rank, self.world, self._own_pg = _init_distributed(self.device)
+        if self.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        log = o.log or (lambda m: print(m, file=sys.stderr))
+        self.log = log if self.rank == 0 else (lambda m: None)
+        torch.manual_seed(o.seed)
+        self.data = read_data_file(o.data)
+        model = build_model(o.cfg)
+        self.net = model.graph.net
+        self.settings = dict(self.net.settings)
+        if o.max_batches is not None:
+            self.settings["max_batches"] = int(o.max_batches)
+        self.max_batches = int(self.settings.get("max_batches") or 0)
+        if self.max_batches <= 0:
+            raise DataError(f"{o.cfg}: max_batches is 0: set max_batches in [net] or --max-batches")
+        self.head_loss = HeadLoss(model)
+        classes = sorted(self.head_loss.classes)
+        if len(classes) != 1 or classes[0] != self.data.classes:
+            raise DataError(f"classes mismatch: {o.data} has classes={self.data.classes} but the "
+                            f"detection layers of {o.cfg} have classes={','.join(map(str, classes))}")
+        for m in (_unsupported_warnings(model) if self.rank == 0 else []):
+            warnings.warn(m, CfgWarning)
+        if o.weights:
+            report = load_weights(model, o.weights, strict=False)
+            self.log(f"loaded {o.weights}: {report.layers_loaded} layers, seen={model.header['seen']}")
+        self.mini, self.sub, self.B_local = images_per_iteration(self.settings)
+        self.B = self.B_local * self.world        # images per iteration, all processes together
+        self.iteration = 0 if (o.clear or not o.weights) else int(model.header.get("seen", 0)) // self.B
+        if o.darknet_bn:
+            use_darknet_batchnorm(model)
+        self.model = model.to(self.device)
+        if self.world > 1:
+            _broadcast_module(self.model)
+        self.opt = make_optimizer(self.model, self.settings)
+        # data
+        if not self.data.train:
+            raise DataError(f"{o.data}: no train= list")
+        scan = scan_dataset(read_list(self.data.train), self.data.classes,
+                            report=self._warn if self.rank == 0 else (lambda m: None))
+        self.log(scan.summary("train"))
+        if not scan.images:
+            raise DataError(f"{self.data.train}: no usable image")
+        self.scan = scan
+        self.val_scan = None
+        if o.calc_map:
+            vlist = self.data.valid or self.data.train
+            self.val_scan = scan_dataset(read_list(vlist), self.data.classes, report=self._warn)
+            self.log(self.val_scan.summary("valid"))
+        self.aug = AugmentParams.from_model(model, augment=o.augment)
+        self.dataset = DetectionDataset(scan.images, scan.labels, self.aug)
+        self.backup = o.backup or self.data.backup or "backup/"
+        os.makedirs(self.backup, exist_ok=True)
+        self.names = checkpoint_names(self.backup, o.cfg)
+        last = model.graph.layers[-1]
+        self.random = float((getattr(last, "train", None) or {}).get("random", 0) or 0)
+        self.init_w, self.init_h = self.net.width, self.net.height
+        self.start_iteration = self.iteration
+        self.avg_loss = -1.0
+        self.best_map = -1.0
+        self.map_history: List[Tuple[int, float]] = []
+        self.loss_history: List[Tuple[int, float]] = []
+
+    def _warn(self, msg: str) -> None:
+        self.log(f"warning: {msg}")
+
+    # --------------------------------------------------------------- multi-scale
+    def size_for(self, it: int) -> Tuple[int, int]:
+        """Network size for iteration ``it`` (darknet: new random size every 10 iterations)."""
+        if not self.random:
+            return self.init_w, self.init_h
+        block = (it - self.start_iteration) // 10
+        first = self.start_iteration + block * 10
+        step = float(self.settings.get("resize_step", 32.0)) or 32.0
+        coef = 1.4 if self.random == 1.0 else self.random
+        rng = np.random.default_rng([self.o.seed, 7, first])
+        lo, hi = (1.0, coef) if coef >= 1 else (coef, 1.0)
+        val = rng.uniform(lo, hi)
+        val = val if rng.integers(2) else 1.0 / val
+        dw = int(round(val * self.init_w / step + 1) * step)
+        dh = int(round(val * self.init_h / step + 1) * step)
+        if val < 1 and (dw > self.init_w or dh > self.init_h):
+            dw, dh = self.init_w, self.init_h
+        if block == 0 or first > self.max_batches - 100:
+            dw = int(round(coef * self.init_w / step + 1) * step)
+            dh = int(round(coef * self.init_h / step + 1) * step)
+        return max(dw, int(step)), max(dh, int(step))
+
+    def loader(self):
+        from torch.utils.data import DataLoader
+        from .data import ScaleBatchSampler, collate
+        sampler = ScaleBatchSampler(len(self.dataset), self.mini, self.sub, self.iteration,
+                                    self.max_batches, self.size_for, seed=self.o.seed,
+                                    rank=self.rank, world=self.world)
+        kw = dict(num_workers=self.o.workers, collate_fn=collate, batch_sampler=sampler,
+                  pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init)
+        if self.o.workers > 0:
+            kw.update(persistent_workers=False, prefetch_factor=2)
+            # fork() from a process that already runs threads (OpenMP, OpenCV, onnxruntime ...)
+            # can deadlock the child on a lock held by a thread that does not exist there;
+            # forkserver starts workers from a clean single-threaded server
+            import multiprocessing as mp
+            if "forkserver" in mp.get_all_start_methods():
+                kw["multiprocessing_context"] = "forkserver"
+        return DataLoader(self.dataset, **kw)
+
+    # ------------------------------------------------------------------- loop
+    def train_iteration(self, batches) -> float:
+        """One darknet iteration over ``subdivisions`` mini-batches; returns the reported loss."""
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for s, (x, t) in enumerate(batches):
+            x = x.to(self.device, non_blocking=True)
+            seen = self.iteration * self.B + (s + 1) * self.mini * self.world
+            cost, _ = train_step_loss(self.model, self.head_loss, x, t, seen)
+            total += cost
+        if self.world > 1:
+            total = _sync_gradients_and_stats(self.model, total) / self.world
+        self.iteration += 1
+        rate = get_current_rate(self.settings, self.iteration)
+        set_rate(self.opt, rate, self.settings, self.B)
+        self.opt.step()
+        self.rate = rate
+        loss = total / (self.sub * self.mini)
+        self.avg_loss = loss if self.avg_loss < 0 else self.avg_loss * 0.9 + loss * 0.1
+        return loss
+
+    def save(self, path: str) -> None:
+        if self.rank == 0:
+            _save(self.model, path, self.iteration * self.B)
+
+    def evaluate(self):
+        from .evaluate import evaluate_model
+        res = evaluate_model(self.model, self.val_scan.images, self.val_scan.labels,
+                             self.data.classes, device=self.device)
+        self.model.train()
+        return res
+
+    def run(self) -> Dict:
+        o = self.o
+        from tqdm import tqdm
+        if self.iteration >= self.max_batches:
+            self.log(f"iteration {self.iteration} >= max_batches {self.max_batches}: nothing to do")
+            self.save(self.names["final"])
+            return dict(iteration=self.iteration)
+        map_every = o.map_every or max(100, 4 * len(self.dataset) // self.B)
+        next_map = max(int(self.settings.get("burn_in", 0) or 0), self.iteration + map_every)
+        iter_save = iter_save_last = self.iteration
+        it_batches = iter(self.loader())
+        bar = tqdm(total=self.max_batches, initial=self.iteration, disable=not o.progress or self.rank != 0,
+                   dynamic_ncols=True, unit="it", file=sys.stderr)
+        t0 = time.time()
+        done_images = 0
+        last_map = None
+        try:
+            while self.iteration < self.max_batches:
+                batches = [next(it_batches) for _ in range(self.sub)]
+                tic = time.time()
+                loss = self.train_iteration(batches)
+                if not math.isfinite(loss):
+                    self._warn(f"iteration {self.iteration}: loss is {loss}")
+                done_images += self.B
+                ips = done_images / max(time.time() - t0, 1e-9)
+                self.loss_history.append((self.iteration, loss))
+                info = dict(iteration=self.iteration, loss=loss, avg_loss=self.avg_loss,
+                            rate=self.rate, images_per_s=ips, size=tuple(batches[0][0].shape[2:]),
+                            iter_time=time.time() - tic)
+                it = self.iteration
+                if o.calc_map and self.rank == 0 and (it >= next_map or it == self.max_batches):
+                    next_map = it + map_every
+                    res = self.evaluate()
+                    last_map = res["map"]
+                    info["map"] = last_map
+                    self.map_history.append((it, last_map))
+                    self.log(f"\niteration {it}: mAP@{res['iou_thresh']:.2f} = {last_map:.4f} "
+                             f"(best {max(self.best_map, last_map):.4f})")
+                    if last_map >= self.best_map:
+                        self.best_map = last_map
+                        self.save(self.names["best"])
+                    self.draw_chart()
+                step = 1000 if it <= 10000 else 10000
+                if it % step == 0 or it >= iter_save + step:
+                    iter_save = it
+                    self.save(self.names["iteration"].format(it))
+                if it >= iter_save_last + 100 or (it % 100 == 0 and it > 1):
+                    iter_save_last = it
+                    self.save(self.names["last"])
+                bar.update(1)
+                post = dict(loss=f"{loss:.3f}", avg=f"{self.avg_loss:.3f}", lr=f"{self.rate:.2e}",
+                            img_s=f"{ips:.1f}")
+                if last_map is not None:
+                    post["mAP"] = f"{last_map:.3f}"
+                bar.set_postfix(post, refresh=False)
+                o.history.append(info)
+                if o.on_iteration is not None:
+                    o.on_iteration(self, info)
+        finally:
+            bar.close()
+        self.save(self.names["final"])
+        self.save(self.names["last"])
+        if o.calc_map and self.rank == 0:
+            self.draw_chart()
+        if self._own_pg:
+            import torch.distributed as dist
+            dist.barrier()
+            dist.destroy_process_group()
+            self._own_pg = False
+        return dict(iteration=self.iteration, avg_loss=self.avg_loss, best_map=self.best_map,
+                    map_history=self.map_history, final=self.names["final"])
+
+    def draw_chart(self) -> Optional[str]:
+        """chart.png in the backup folder: loss (blue) and mAP (red) against iteration."""
+        try:
+            from .evaluate import draw_chart
+            path = os.path.join(self.backup, "chart.png")
+            draw_chart(path, self.loss_history, self.map_history, self.max_batches)
+            return path
+        except Exception as e:  # a chart must never stop training
+            self._warn(f"chart not drawn: {e}")
+            return None

@@ -1,0 +1,36 @@
+"""The vectorised NMS of the detector pipeline equals postprocess.do_nms bit for bit."""
+import numpy as np
+import pytest
+
+from conftest import needs_shared
+
+from darknet_cfg.infer import nms_matrix
+from darknet_cfg.postprocess import NMS_KINDS, Detections, do_nms
+from test_postprocess import _detector_dirs, _run_oracle
+
+
+@needs_shared
+@pytest.mark.parametrize("model_dir", _detector_dirs(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_nms_matrix_equals_do_nms_on_oracles(model_dir):
+    heads, dets, after, ref, _ = _run_oracle(model_dir)
+    last = heads[ref["nms_layer"]]
+    np.testing.assert_array_equal(nms_matrix(dets, ref["nms"], last.nms_kind, last.beta_nms).probs,
+                                  after.probs)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_nms_matrix_random_clusters(seed):
+    rng = np.random.default_rng(seed)
+    n, c = 300, 5
+    centres = rng.uniform(0.2, 0.8, (12, 2))
+    xy = centres[rng.integers(0, 12, n)] + rng.normal(0, 0.02, (n, 2))
+    boxes = np.concatenate([xy, rng.uniform(0.05, 0.3, (n, 2))], axis=1).astype(np.float32)
+    probs = np.where(rng.random((n, c)) < 0.4, rng.choice([0.3, 0.5, 0.7], (n, c)), 0).astype(np.float32)
+    obj = np.where(rng.random(n) < 0.1, 0, 1).astype(np.float32)  # some objectness 0 boxes
+    z = np.zeros(n, np.int64)
+    dets = Detections(boxes, obj, probs, z, z, z, z, z)
+    for kind in NMS_KINDS:
+        for th in (0.3, 0.45, 0.6):
+            want = do_nms(dets, th, kind, 0.8).probs
+            np.testing.assert_array_equal(nms_matrix(dets, th, kind, 0.8).probs, want)
+            np.testing.assert_array_equal(nms_matrix(dets, th, kind, 0.8, max_boxes=10).probs, want)
