@@ -1,44 +1,14 @@
 """Command line: ``darknet2torch``, ``torch2darknet`` and the ``darknet-cfg`` group."""
 from __future__ import annotations
 
-import functools
 import json
 import os
-import sys
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import click
 
-from .errors import DarknetError
-
-
-def _friendly(fn):
-    """Print library errors as one line and exit 1 (no traceback); warnings go to stderr."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        def show(message, category, filename, lineno, file=None, line=None):
-            click.echo(f"warning: {message}", err=True)
-        old = warnings.showwarning
-        warnings.showwarning = show
-        try:
-            return fn(*args, **kwargs)
-        except DarknetError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
-        except OSError as e:
-            click.echo(f"error: {e.filename or ''}: {e.strerror or e}", err=True)
-            sys.exit(1)
-        finally:
-            warnings.showwarning = old
-    return wrapper
-
-
-def _size_options(fn):
-    fn = click.option("--height", type=click.IntRange(min=1), help="override [net] height")(fn)
-    fn = click.option("--width", type=click.IntRange(min=1), help="override [net] width")(fn)
-    return fn
+from .cliutil import friendly as _friendly, size_options as _size_options
 
 
 def _find_weights(cfg: Path) -> Optional[Path]:

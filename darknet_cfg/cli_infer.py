@@ -289,7 +289,7 @@ class _Run:
 
 def register(group: click.Group) -> None:
     """Add ``detect`` and ``export`` to the darknet-cfg group."""
-    from .cli import _friendly, _size_options
+    from .cliutil import _friendly, _size_options
 
     @group.command()
     @click.argument("cfg", type=click.Path(dir_okay=False))

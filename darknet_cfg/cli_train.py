@@ -1,34 +1,8 @@
 """Click commands for training (registered on the darknet-cfg group by cli.py):
 ``darknet-cfg train``, ``darknet-cfg map``, ``darknet-cfg synth``."""
-import sys
-
 import click
 
-
-def _friendly(fn):
-    """Library errors -> one line and exit 1; warnings -> stderr (as cli.py's commands do)."""
-    import functools
-    import warnings
-
-    from .errors import DarknetError
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        def show(message, category, filename, lineno, file=None, line=None):
-            click.echo(f"warning: {message}", err=True)
-        old = warnings.showwarning
-        warnings.showwarning = show
-        try:
-            return fn(*args, **kwargs)
-        except DarknetError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
-        except OSError as e:
-            click.echo(f"error: {getattr(e, 'filename', None) or ''}: {e.strerror or e}", err=True)
-            sys.exit(1)
-        finally:
-            warnings.showwarning = old
-    return wrapper
+from .cliutil import friendly as _friendly
 
 
 def register(group: click.Group) -> None:
