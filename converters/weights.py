@@ -201,6 +201,13 @@ def weights_bytes_iter(model, upto: Optional[int] = None,
             yield memoryview(arr.astype("<f4", copy=False)).cast("B")
 
 
+def umask_mode(path) -> None:
+    """mkstemp creates 0600 files; give the usual 0666 & ~umask before the rename."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_write(path, chunks) -> None:
     """Write to a temporary file beside ``path``, then rename: no half-written files."""
     path = os.fspath(path)
@@ -212,6 +219,7 @@ def atomic_write(path, chunks) -> None:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
+        umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 import click
 import numpy as np
 
+from .converters.weights import atomic_write, umask_mode
 from .errors import DarknetError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"}
@@ -22,22 +23,7 @@ LIST_EXTS = {".txt", ".list"}
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary file beside ``path``, then rename (nothing partial on failure)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        _umask_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _umask_mode(path) -> None:
-    """mkstemp makes 0600 files; give the usual 0666 & ~umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    atomic_write(path, [data])
 
 
 def _remove(path) -> None:
@@ -266,7 +252,7 @@ class _Run:
             if writer is not None:
                 writer.release()
                 writer = None
-                _umask_mode(tmp)
+                umask_mode(tmp)
                 os.replace(tmp, target)
                 tmp = None
         finally:
