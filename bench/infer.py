@@ -9,7 +9,9 @@ calibrated so that ~3% of the cells pass the 0.25 objectness threshold, saved as
 dog.png, with 2 threads. Engines are interleaved round by round; figures are medians over
 ``--runs`` rounds, per image (batch time / batch). Forward, decode (get_network_boxes; OpenCV:
 reading its decoded rows) and NMS (Darknet's; OpenCV: cv2.dnn.NMSBoxes per class) are timed
-separately. ``OMP_WAIT_POLICY=PASSIVE`` is set for PyTorch (see below). Peak memory: each engine alone in a fresh process (peak RSS after loading and 3
+separately. "fused" is what ``Detector`` runs on CPU: BN folded, channels_last, prepacked oneDNN
+convolutions (``model.prepack()``), a batch run image by image; "compiled" adds
+``model.compile_activations()`` (detect --compile). Peak memory: each engine alone in a fresh process (peak RSS after loading and 3
 batch-1 inferences). Ratios are to OpenCV DNN measured in the same run.
 """
 from __future__ import annotations
@@ -27,9 +29,11 @@ from pathlib import Path
 
 THREADS = 2
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
-# PyTorch's OpenMP threads otherwise spin at barriers; on a busy 2-core machine (or interleaved
-# with the other engines' pools) that made 2 threads 5-10x slower than 1 (measured here).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# --omp-passive: PyTorch's OpenMP threads sleep at once at barriers instead of spinning briefly.
+# Use it only on a machine busy with other work (there, spinning made 2 threads 5-10x slower than
+# 1); on a quiet machine it costs PyTorch 1.3-1.5x here (a wake-up per operator).
+if "--omp-passive" in sys.argv:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import numpy as np  # noqa: E402  (torch is imported lazily: the memory probes of
 # onnxruntime and OpenCV must not pay for it)
@@ -37,7 +41,7 @@ import numpy as np  # noqa: E402  (torch is imported lazily: the memory probes o
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DARKNET_CFG_SHARED", REPO.parent / "shared"))
 MODELS = {"yolov4-tiny": 416, "yolov4": 416, "yolov4-csp": 512}
-ENGINES = ("eager", "fused", "onnxruntime", "opencv")
+ENGINES = ("eager", "fused", "compiled", "onnxruntime", "opencv")
 
 
 # ------------------------------------------------------------------------- synthetic weights
@@ -110,15 +114,20 @@ class Engine:
 
     def __init__(self, kind, cfg, weights, size, detector, opts):
         self.kind = kind
-        if kind in ("eager", "fused"):
+        if kind in ("eager", "fused", "compiled"):
             import torch
             import darknet_cfg
             model = darknet_cfg.load(cfg, weights)
-            if kind == "fused":
+            if kind != "eager":
                 model.fuse()
-            if opts.get("channels_last"):
+            if kind == "compiled":
+                model.compile_activations()
+            cl = opts.get("channels_last", kind != "eager")  # as Detector does on CPU
+            if cl:
                 model.to(memory_format=torch.channels_last)
-            self.model, self.cl = model, opts.get("channels_last", False)
+            if opts.get("prepack", kind != "eager"):
+                model.prepack()
+            self.model, self.cl = model, cl
             self.no_grad = opts.get("no_grad", False)
         elif kind == "onnxruntime":
             import onnxruntime as ort
@@ -147,14 +156,18 @@ class Engine:
         self.det = detector
 
     def forward(self, x):
-        if self.kind in ("eager", "fused"):
+        if self.kind in ("eager", "fused", "compiled"):
             import torch
             t = torch.from_numpy(x)
             if self.cl:
                 t = t.contiguous(memory_format=torch.channels_last)
             ctx = torch.no_grad() if self.no_grad else torch.inference_mode()
             with ctx:
-                return [o.numpy() for o in self.model(t)]
+                if self.kind == "eager" or len(t) == 1:
+                    outs = self.model(t)
+                else:  # image by image, as Detector does on CPU (micro_batch=1)
+                    outs = [torch.cat(o) for o in zip(*[self.model(c) for c in t.split(1)])]
+                return [o.contiguous().numpy() for o in outs]  # as Detector
         if self.kind == "onnxruntime":
             return self.sess.run(None, {"input": x})
         self.net.setInput(x)
@@ -242,7 +255,7 @@ def peak_memory(name, size, engine, tmp) -> float:
 
 def _mem_child(name, size, engine, tmp):
     import cv2
-    if engine in ("eager", "fused"):
+    if engine in ("eager", "fused", "compiled"):
         import torch
         torch.set_num_threads(THREADS)
     eng = Engine(engine, _cfg_at_size(name, size, tmp), tmp / f"{name}-{size}.weights", size,
@@ -288,6 +301,8 @@ def main(argv=None):
     ap.add_argument("--levers", action="store_true",
                     help="instead: fused eager variants and ORT optimisation levels")
     ap.add_argument("--json", help="also write the raw medians here")
+    ap.add_argument("--omp-passive", action="store_true",
+                    help="OMP_WAIT_POLICY=PASSIVE for PyTorch (only for a busy machine)")
     args = ap.parse_args(argv)
     import torch
     torch.set_num_threads(THREADS)
@@ -318,8 +333,9 @@ def main(argv=None):
 def levers(args, tmp):
     """Variants of the fused model and of onnxruntime, batch 1, vs OpenCV in the same run."""
     variants = {
-        "fused": {}, "fused+no_grad": {"kind": "fused", "no_grad": True},
-        "fused+channels_last": {"kind": "fused", "channels_last": True},
+        "fused-nchw": {"kind": "fused", "channels_last": False, "prepack": False},
+        "fused-unpacked": {"kind": "fused", "prepack": False},
+        "fused+no_grad": {"kind": "fused", "no_grad": True}, "fused": {},
         "ort-basic": {"kind": "onnxruntime", "ort_level": "basic"},
         "ort-extended": {"kind": "onnxruntime", "ort_level": "extended"},
         "ort-all": {"kind": "onnxruntime", "ort_level": "all"}, "opencv": {},

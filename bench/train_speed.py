@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--iterations", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--torch-bn", action="store_true", help="PyTorch's BN instead of darknet's")
+    ap.add_argument("--nchw", action="store_true", help="NCHW instead of the default channels_last")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -51,6 +52,7 @@ def main():
 
     tr = Trainer(TrainOptions(data=data, cfg=cfg, workers=args.workers, threads=args.threads,
                               progress=False, darknet_bn=not args.torch_bn,
+                              channels_last=not args.nchw,
                               backup=os.path.join(args.out, "backup"), log=lambda m: None))
     model, hl = tr.model, tr.head_loss
     it = iter(tr.loader())
@@ -62,6 +64,7 @@ def main():
             t_start = time.perf_counter()
         t0 = time.perf_counter()
         x, t = next(it)
+        x = x.contiguous(memory_format=tr.memory_format)  # as Trainer.train_iteration
         t1 = time.perf_counter()
         model.train()
         tr.opt.zero_grad(set_to_none=True)
@@ -82,7 +85,8 @@ def main():
     wall = time.perf_counter() - t_start
     ips = 64 * args.iterations / wall
     print(f"\nyolov4-tiny 224x224, batch 64, {args.threads} threads, {args.workers} workers, "
-          f"{'torch' if args.torch_bn else 'darknet'} BN: {ips:.1f} images/s "
+          f"{'torch' if args.torch_bn else 'darknet'} BN, {'NCHW' if args.nchw else 'channels_last'}: "
+          f"{ips:.1f} images/s "
           f"({wall / args.iterations:.2f} s per iteration; darknet CPU ~4.4 images/s, target 22)")
     for k, v in phases.items():
         print(f"  {k:9s} {v / args.iterations:6.2f} s/it  {100 * v / wall:5.1f} %")

@@ -11,8 +11,10 @@
 * ``DetectionDataset`` + ``ScaleBatchSampler`` + ``collate`` feed the trainer through a torch
   ``DataLoader`` with worker processes; images are decoded with OpenCV and augmented as darknet's
   OpenCV ``load_data_detection`` / ``image_data_augmentation`` do (jitter crop with the mean colour
-  outside the image, optional letterbox, flip, HSV hue/saturation/exposure), truths corrected as
-  ``fill_truth_detection`` does.
+  outside the image, optional letterbox, flip, HSV hue/saturation/exposure, blur, Gaussian noise),
+  truths corrected as ``fill_truth_detection`` does; ``mosaic`` (4 pictures around a random cut,
+  ``blend_truth_mosaic``) and ``mixup`` (2 pictures blended 0.5/0.5, truths united) as its
+  ``use_mixup`` branches do.
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ import numpy as np
 from .errors import DarknetError
 
 __all__ = ["DataConfig", "read_data_file", "read_list", "label_path_for", "read_labels",
-           "scan_dataset", "DatasetScan", "AugmentParams", "augment", "DetectionDataset",
-           "ScaleBatchSampler", "collate", "DataError"]
+           "scan_dataset", "DatasetScan", "AugmentParams", "augment", "mosaic_images", "mixup_images",
+           "DetectionDataset", "ScaleBatchSampler", "collate", "DataError"]
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -263,10 +265,15 @@ def scan_dataset(images: Sequence[str], classes: int, report: Optional[Callable[
 
 
 # ------------------------------------------------------------------------------ augmentation
+SINGLE, MIXUP, MOSAIC = 0, 1, 3          # darknet's use_mixup values a detector can end up with
+MOSAIC_MIN_OFFSET = 0.2                  # the mosaic cut lies in [20 %, 80 %] of each side
+
+
 @dataclass(frozen=True)
 class AugmentParams:
     """What darknet's train_detector passes to load_data_detection (from [net] and the last
-    detection layer)."""
+    detection layer). ``mosaic``/``mixup``/``cutmix`` combine as darknet's parser does (see
+    ``mix_mode``); ``blur``, ``gaussian_noise`` act on each picture inside ``augment``."""
     jitter: float = 0.2
     resize: float = 1.0
     flip: int = 1
@@ -276,17 +283,40 @@ class AugmentParams:
     letter_box: int = 0
     max_boxes: int = 200
     augment: bool = True
+    mosaic: int = 0
+    mixup: int = 0
+    cutmix: int = 0
+    mosaic_bound: int = 0
+    blur: int = 0
+    gaussian_noise: int = 0
+
+    @property
+    def mix_mode(self) -> int:
+        """How many pictures make one training image: MOSAIC (4), MIXUP (2) or SINGLE.
+
+        darknet's parser: mosaic wins over mixup; cutmix gives use_mixup 2 (4 with mosaic), which
+        its detector loader does not support: cutmix alone falls back to one picture, mosaic +
+        cutmix to mosaic (CutMix is for classifiers only)."""
+        if not self.augment:
+            return SINGLE
+        if self.mosaic:
+            return MOSAIC
+        if self.cutmix:
+            return SINGLE
+        return MIXUP if self.mixup else SINGLE
 
     @classmethod
     def from_model(cls, model, augment: bool = True) -> "AugmentParams":
         s = model.graph.net.settings
         last = model.graph.layers[-1]
         t = getattr(last, "train", None) or {}
+        i = lambda k: int(s.get(k, 0) or 0)  # noqa: E731
         return cls(jitter=float(t.get("jitter", 0.2) or 0.0), resize=float(t.get("resize", 1.0) or 1.0),
                    flip=int(s.get("flip", 1)), hue=float(s.get("hue", 0.0)),
                    saturation=float(s.get("saturation", 1.0)), exposure=float(s.get("exposure", 1.0)),
                    letter_box=int(model.graph.net.letter_box), max_boxes=int(t.get("max", 200) or 200),
-                   augment=augment)
+                   augment=augment, mosaic=i("mosaic"), mixup=i("mixup"), cutmix=i("cutmix"),
+                   mosaic_bound=i("mosaic_bound"), blur=i("blur"), gaussian_noise=i("gaussian_noise"))
 
 
 def _rand_scale(rng, s: float) -> float:
@@ -302,15 +332,51 @@ def _precalc(lo: int, hi: int, r: float) -> int:
     return int(r * (hi - lo) + lo)
 
 
-def augment(img: np.ndarray, boxes: np.ndarray, w: int, h: int, p: AugmentParams,
-            rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
-    """Darknet's OpenCV training augmentation of one image.
+def _toward_corner(quadrant: int, flip: int, pleft: int, pright: int, ptop: int, pbot: int):
+    """Move the crop window of a mosaic piece (same crop size) so that the part of the picture
+    the quadrant shows is the picture's own edge rather than the padding (darknet does this for
+    half of the pieces)."""
+    keep_left = (quadrant % 2 == 1) != bool(flip)        # the crop keeps the picture's left edge
+    pleft, pright = (pleft + pright, 0) if keep_left else (0, pleft + pright)
+    ptop, pbot = (ptop + pbot, 0) if quadrant >= 2 else (0, ptop + pbot)
+    return pleft, pright, ptop, pbot
 
-    ``img``: HxWx3 uint8 RGB; ``boxes``: (n, 5) ``class, x, y, w, h`` relative to the image.
-    Returns (3, h, w) float32 in [0, 1] and the corrected (k, 5) truths (boxes that leave the
-    crop or end up smaller than one network pixel are dropped, like fill_truth_detection)."""
+
+def _blur(sized: np.ndarray, blur: int, truths: np.ndarray) -> np.ndarray:
+    """image_data_augmentation's blur of an HxWx3 uint8 picture: ``blur == 1`` blurs the
+    background only (17x17 Gaussian, the truth boxes keep their pixels), ``blur > 1`` blurs
+    everything with a (blur//2*2+1)-wide Gaussian."""
+    import cv2
+    k = 17 if blur == 1 else blur // 2 * 2 + 1
+    out = cv2.GaussianBlur(sized, (k, k), 0)
+    if blur == 1:
+        hh, ww = sized.shape[:2]
+        for _, x, y, bw, bh in truths.astype(np.float64):   # a few boxes, whole slices each
+            x0, y0 = int((x - bw / 2) * ww), int((y - bh / 2) * hh)
+            x1, y1 = x0 + int(bw * ww), y0 + int(bh * hh)
+            x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, ww), min(y1, hh)
+            if x1 > x0 and y1 > y0:
+                out[y0:y1, x0:x1] = sized[y0:y1, x0:x1]
+    return out
+
+
+def _gaussian_noise(sized: np.ndarray, sigma: int, rng: np.random.Generator) -> np.ndarray:
+    """Add N(0, sigma) noise (sigma in 0..127 pixel levels) to an HxWx3 uint8 picture."""
+    sigma = min(max(int(sigma), 0), 127)
+    # darknet draws the noise into a uint8 matrix, which clips its negative half (the noise only
+    # brightens); we add the zero-mean noise it asks for
+    noisy = sized.astype(np.float32) + rng.normal(0.0, sigma, sized.shape).astype(np.float32)
+    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+
+
+def _augment_one(img: np.ndarray, boxes: np.ndarray, w: int, h: int, p: AugmentParams,
+                 rng: np.random.Generator, quadrant: Optional[int] = None):
+    """``augment`` plus the crop offsets ``(pleft, pright, ptop, pbot, flip)`` it used (a mosaic
+    needs them); ``quadrant`` (0..3 = top-left, top-right, bottom-left, bottom-right) marks a
+    mosaic piece."""
     import cv2
     oh, ow = img.shape[:2]
+    blur = noise = 0
     if p.augment:
         dw, dh = int(ow * p.jitter), int(oh * p.jitter)
         rdown = p.resize if p.resize <= 1 else 1 / p.resize
@@ -323,6 +389,10 @@ def augment(img: np.ndarray, boxes: np.ndarray, w: int, h: int, p: AugmentParams
         dhue = rng.uniform(-p.hue, p.hue) if p.hue else 0.0
         dsat = _rand_scale(rng, p.saturation)
         dexp = _rand_scale(rng, p.exposure)
+        if p.blur:                       # a third each: none, background only, the cfg's blur
+            blur = (0, 1, p.blur)[int(rng.integers(3))]
+        if p.gaussian_noise and rng.integers(2):
+            noise = p.gaussian_noise
         pleft, pright = _precalc(-dw, dw, r1), _precalc(-dw, dw, r2)
         ptop, pbot = _precalc(-dh, dh, r3), _precalc(-dh, dh, r4)
         if p.resize < 1:
@@ -346,6 +416,8 @@ def augment(img: np.ndarray, boxes: np.ndarray, w: int, h: int, p: AugmentParams
         else:
             delta_w = (oh * net_ar - ow) / 2
             pleft, pright = int(pleft - delta_w), int(pright - delta_w)
+    if quadrant is not None and rng.integers(2) == 0:
+        pleft, pright, ptop, pbot = _toward_corner(quadrant, flip, pleft, pright, ptop, pbot)
     swidth, sheight = ow - pleft - pright, oh - ptop - pbot
     if swidth <= 0 or sheight <= 0 or ow - pleft <= 0 or oh - ptop <= 0:
         pleft = pright = ptop = pbot = 0                  # darknet: "invalid resize. Resetting..."
@@ -372,7 +444,6 @@ def augment(img: np.ndarray, boxes: np.ndarray, w: int, h: int, p: AugmentParams
         hsv[..., 0] = np.mod(hsv[..., 0], 180)          # OpenCV's 8-bit HSV2RGB wraps the hue
         hsv = np.clip(np.round(hsv), 0, 255).astype(np.uint8)
         sized = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-    out = np.ascontiguousarray(np.asarray(sized).transpose(2, 0, 1)).astype(np.float32) / np.float32(255)
 
     # truths (correct_boxes + fill_truth_detection)
     sx, sy = swidth / ow, sheight / oh
@@ -396,13 +467,137 @@ def augment(img: np.ndarray, boxes: np.ndarray, w: int, h: int, p: AugmentParams
     nb = nb[(nb[:, 3] >= 1.0 / w) & (nb[:, 4] >= 1.0 / h)]   # smaller than one pixel: dropped
     nb = nb[(nb[:, 1] > 0) & (nb[:, 2] > 0)]
     nb = nb[: p.max_boxes]
-    return out, nb.astype(np.float32)
+
+    # blur and noise (after the colour changes, on the 8-bit picture, as darknet)
+    if blur > 1:
+        # a strong blur is limited to 1/8 of the smallest object side (none without objects)
+        min_side = int(min((nb[:, 3] * w).min(), (nb[:, 4] * h).min())) if len(nb) else 0
+        blur = min(blur, min_side // 8)
+    if blur:
+        sized = _blur(np.ascontiguousarray(sized), blur, nb)
+    if noise:
+        sized = _gaussian_noise(sized, noise, rng)
+    out = np.ascontiguousarray(np.asarray(sized).transpose(2, 0, 1)).astype(np.float32) / np.float32(255)
+    return out, nb.astype(np.float32), (pleft, pright, ptop, pbot, flip)
+
+
+def augment(img: np.ndarray, boxes: np.ndarray, w: int, h: int, p: AugmentParams,
+            rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    """Darknet's OpenCV training augmentation of one image.
+
+    ``img``: HxWx3 uint8 RGB; ``boxes``: (n, 5) ``class, x, y, w, h`` relative to the image.
+    Returns (3, h, w) float32 in [0, 1] and the corrected (k, 5) truths (boxes that leave the
+    crop or end up smaller than one network pixel are dropped, like fill_truth_detection).
+    Jitter/resize crop, letterbox, flip, HSV, then ``blur`` and ``gaussian_noise`` when set;
+    mosaic and mixup need several images: ``mosaic_images`` / ``mixup_images``."""
+    out, truths, _ = _augment_one(img, boxes, w, h, p, rng)
+    return out, truths
+
+
+def mixup_images(samples: Sequence[Tuple[np.ndarray, np.ndarray]], w: int, h: int, p: AugmentParams,
+                 rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    """darknet's detector MixUp: two pictures, each augmented on its own, blended 0.5/0.5; the
+    truths are the first picture's followed by the second's (at most ``max_boxes``)."""
+    (xa, ta), (xb, tb) = (augment(img, lab, w, h, p, rng) for img, lab in samples[:2])
+    x = xa * np.float32(0.5) + xb * np.float32(0.5)
+    return x, np.concatenate([ta, tb])[: p.max_boxes]
+
+
+def _mosaic_truths(t: np.ndarray, quadrant: int, shift_x: int, shift_y: int, cut_x: int, cut_y: int,
+                   w: int, h: int, bound: int) -> np.ndarray:
+    """blend_truth_mosaic: move a piece's truths by the pixel shift of its quadrant, clip them to
+    the whole image (``mosaic_bound=0``) or to their quadrant (``mosaic_bound=1``), and keep those
+    that stay inside the image and are more than one pixel wide and high."""
+    if not len(t):
+        return t
+    xb = t[:, 1].astype(np.float64) + shift_x / w
+    yb = t[:, 2].astype(np.float64) + shift_y / h
+    wb, hb = t[:, 3].astype(np.float64), t[:, 4].astype(np.float64)
+
+    def edges(xb, yb, wb, hb):        # darknet keeps the edges as ints (truncated pixel indices)
+        return (np.trunc((xb - wb / 2) * w), np.trunc((xb + wb / 2) * w),
+                np.trunc((yb - hb / 2) * h), np.trunc((yb + hb / 2) * h))
+
+    left, right, top, bot = edges(xb, yb, wb, hb)
+    if bound:
+        lo_x, hi_x = (cut_x, w) if quadrant % 2 else (0, cut_x)
+        lo_y, hi_y = (cut_y, h) if quadrant >= 2 else (0, cut_y)
+        left, right = np.maximum(left, lo_x), np.minimum(right, hi_x)
+        top, bot = np.maximum(top, lo_y), np.minimum(bot, hi_y)
+        xb, wb = (right + left) / 2 / w, (right - left) / w
+        yb, hb = (bot + top) / 2 / h, (bot - top) / h
+    else:
+        over = np.minimum(left, 0) / w                   # the part left of the image (<= 0)
+        xb, wb = xb - over / 2, wb + over
+        over = np.maximum(right - w, 0) / w              # the part right of the image (>= 0)
+        xb, wb = xb - over / 2, wb - over
+        over = np.minimum(top, 0) / h
+        yb, hb = yb - over / 2, hb + over
+        over = np.maximum(bot - h, 0) / h
+        yb, hb = yb - over / 2, hb - over
+        left, right, top, bot = edges(xb, yb, wb, hb)
+    keep = ((left >= 0) & (right <= w) & (top >= 0) & (bot <= h) & (wb > 0) & (wb < 1) & (hb > 0)
+            & (hb < 1) & (xb > 0) & (xb < 1) & (yb > 0) & (yb < 1) & (wb > 1 / w) & (hb > 1 / h))
+    # darknet tests the truncated edges, so an edge may lie up to a pixel outside: clip it
+    x0, x1 = np.clip(xb - wb / 2, 0, 1), np.clip(xb + wb / 2, 0, 1)
+    y0, y1 = np.clip(yb - hb / 2, 0, 1), np.clip(yb + hb / 2, 0, 1)
+    out = np.stack([t[:, 0], (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], 1)
+    keep &= (out[:, 3] >= 1 / w) & (out[:, 4] >= 1 / h)  # still a pixel after the clip
+    return out[keep].astype(np.float32)
+
+
+def mosaic_images(samples: Sequence[Tuple[np.ndarray, np.ndarray]], w: int, h: int, p: AugmentParams,
+                  rng: np.random.Generator, cut: Optional[Tuple[int, int]] = None
+                  ) -> Tuple[np.ndarray, np.ndarray]:
+    """darknet's 4-picture mosaic (load_data_detection with use_mixup 3).
+
+    ``samples``: four ``(img, boxes)`` for the top-left, top-right, bottom-left and bottom-right
+    quadrants. The image is split at ``cut = (cut_x, cut_y)`` (drawn uniformly in
+    [0.2*side, 0.8*side] when not given). Each picture is augmented to the full w x h on its own
+    (half of them with the crop pushed toward their corner); the quadrant shows the part of it
+    that touches the cut (bottom-right part of the picture in the top-left quadrant, ...),
+    shifted inward by the padding the jitter added on that side. Truths follow
+    ``_mosaic_truths``; at most ``max_boxes`` in quadrant order."""
+    if cut is None:
+        cut_x = int(rng.integers(int(w * MOSAIC_MIN_OFFSET), int(w * (1 - MOSAIC_MIN_OFFSET)) + 1))
+        cut_y = int(rng.integers(int(h * MOSAIC_MIN_OFFSET), int(h * (1 - MOSAIC_MIN_OFFSET)) + 1))
+    else:
+        cut_x, cut_y = cut
+    out = np.empty((3, h, w), np.float32)
+    truths = []
+    for q, (img, boxes) in enumerate(samples[:4]):
+        piece, t, (pleft, pright, ptop, pbot, flip) = _augment_one(img, boxes, w, h, p, rng, quadrant=q)
+        # the padding each side got, in network pixels (the crop is sw x sh before the resize)
+        sw, sh = img.shape[1] - pleft - pright, img.shape[0] - ptop - pbot
+        if flip:                                   # the flipped picture's padding changes side
+            pleft, pright = pright, pleft
+        # darknet scales by w/ow instead of w/sw: the shift misses the padding and boxes cross the cut
+        left_shift = min(cut_x, max(0, -pleft * w // sw))
+        right_shift = min(w - cut_x, max(0, -pright * w // sw))
+        top_shift = min(cut_y, max(0, -ptop * h // sh))
+        bot_shift = min(h - cut_y, max(0, -pbot * h // sh))
+        if q % 2:                                  # right column: [cut_x, w) <- [left_shift, ...)
+            dst_x, src_x = slice(cut_x, w), left_shift
+        else:                                      # left column: [0, cut_x) <- [..., w - right_shift)
+            dst_x, src_x = slice(0, cut_x), w - cut_x - right_shift
+        if q >= 2:
+            dst_y, src_y = slice(cut_y, h), top_shift
+        else:
+            dst_y, src_y = slice(0, cut_y), h - cut_y - bot_shift
+        nx, ny = dst_x.stop - dst_x.start, dst_y.stop - dst_y.start
+        out[:, dst_y, dst_x] = piece[:, src_y:src_y + ny, src_x:src_x + nx]
+        truths.append(_mosaic_truths(t, q, dst_x.start - src_x, dst_y.start - src_y, cut_x, cut_y,
+                                     w, h, p.mosaic_bound))
+    return out, np.concatenate(truths)[: p.max_boxes]
 
 
 # ----------------------------------------------------------------------------- dataset/loader
 class DetectionDataset:
     """Map-style dataset; items are requested as ``(index, width, height, seed)`` tuples by
-    ScaleBatchSampler (so multi-scale training changes the size in the workers too)."""
+    ScaleBatchSampler (so multi-scale training changes the size in the workers too). With
+    mosaic/mixup, half of the items (darknet's coin flip) combine the requested picture with 3
+    (mosaic) or 1 (mixup) others drawn at random with the item's generator, as darknet draws
+    random pictures."""
 
     def __init__(self, images: Sequence[str], labels: Sequence[np.ndarray], params: AugmentParams):
         self.images, self.labels, self.params = list(images), list(labels), params
@@ -418,9 +613,8 @@ class DetectionDataset:
             return None
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
-    def __getitem__(self, item):
-        i, w, h, seed = item
-        rng = np.random.default_rng(seed)
+    def _load(self, i: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+        """(RGB picture, labels) of item ``i``, or of a random decodable one if it fails."""
         img = self._read(i)
         tries = 0
         while img is None:                            # decode failure: warn once, use another
@@ -432,8 +626,23 @@ class DetectionDataset:
             tries += 1
             if tries > 100:
                 raise DataError("no decodable image found")
-        x, t = augment(img, self.labels[i], w, h, self.params, rng)
-        return x, t
+        return img, self.labels[i]
+
+    def __getitem__(self, item):
+        i, w, h, seed = item
+        rng = np.random.default_rng(seed)
+        p = self.params
+        mode = p.mix_mode
+        if mode != SINGLE and rng.integers(2) == 0:     # darknet: half the time one picture
+            mode = SINGLE
+        if mode == SINGLE:
+            img, lab = self._load(i, rng)
+            return augment(img, lab, w, h, p, rng)
+        others = rng.integers(len(self.images), size=3 if mode == MOSAIC else 1)
+        samples = [self._load(k, rng) for k in [i, *map(int, others)]]
+        if mode == MOSAIC:
+            return mosaic_images(samples, w, h, p, rng)
+        return mixup_images(samples, w, h, p, rng)
 
 
 def collate(items):

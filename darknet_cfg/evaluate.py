@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .postprocess import Detections, HeadParams, box_iou_matrix, do_nms, get_network_boxes
+from .postprocess import Detections, HeadParams, box_iou_matrix, get_network_boxes
 
 __all__ = ["head_params", "predict", "compute_map", "evaluate_model", "coco_map", "format_report",
            "draw_chart"]
@@ -43,6 +43,7 @@ def head_params(spec) -> HeadParams:
 def predict(model, images: Sequence[str], thresh: float = 0.005, nms: float = 0.45,
             device=None, batch: int = 16) -> List[Detections]:
     """Darknet's detections (after NMS) for each image path; boxes relative to the image."""
+    from .infer import nms_matrix
     from .preprocess import detector_input, load_image
     was = model.training
     model.eval()
@@ -52,19 +53,23 @@ def predict(model, images: Sequence[str], thresh: float = 0.005, nms: float = 0.
     beta = getattr(last, "beta_nms", 0.6)
     W, H, lb = model.width, model.height, bool(model.graph.net.letter_box)
     dev = device or next(model.parameters()).device
+    w0 = next((m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    fmt = torch.channels_last if w0 is not None and not w0.is_contiguous() else None  # as trained
     out: List[Detections] = []
     try:
         for s in range(0, len(images), batch):
             chunk = images[s:s + batch]
             ims = [load_image(p) for p in chunk]
             x = torch.from_numpy(np.stack([detector_input(im, W, H, lb) for im in ims])).to(dev)
-            outs = model(x)
+            if fmt is not None:
+                x = x.contiguous(memory_format=fmt)
+            outs = [t.float().cpu().contiguous() for t in model(x)]
             for k, im in enumerate(ims):
-                o = {li: t[k].float().cpu().numpy() for li, t in zip(heads, outs)}
+                o = {li: t[k].numpy() for li, t in zip(heads, outs)}
                 d = get_network_boxes(o, heads, W, H, im.shape[2], im.shape[1], thresh=thresh,
                                       letter_box=lb)
                 if nms:
-                    d = do_nms(d, nms, kind=kind, beta_nms=beta)
+                    d = nms_matrix(d, nms, kind=kind, beta_nms=beta)  # do_nms, vectorised
                 out.append(d)
     finally:
         model.train(was)

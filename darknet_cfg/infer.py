@@ -58,12 +58,17 @@ class Detector:
     ``letter_box=None`` takes ``[net] letter_box`` from the cfg. ``thresh`` applies to
     objectness and to ``obj*cls`` (strict ``>``), ``nms`` to IoU/DIoU (strict ``>``), both as
     in Darknet. Images are paths or float32 (3, H, W) RGB arrays in [0, 1] (``load_image``).
-    ``channels_last`` / ``dtype`` are speed options (float32 default keeps Darknet's numbers).
+    Speed options, all keeping Darknet's numbers (within 1e-6) unless ``dtype`` is lowered:
+    ``channels_last`` (default on CPU: oneDNN's NHWC convolutions are 1.2-1.7x faster here),
+    ``prepack`` (default on CPU: ``model.prepack()``, weights packed once, activation fused),
+    ``dtype`` (float32 default), ``micro_batch`` (default on CPU: 1, image by image, because a
+    batch's activations overflow the CPU caches: 1.1-1.4x faster per image here; GPU: the batch).
     """
 
     def __init__(self, model, thresh: float = 0.25, nms: float = 0.45,
-                 letter_box: Optional[bool] = None, device=None, channels_last: bool = False,
-                 dtype: Optional[torch.dtype] = None):
+                 letter_box: Optional[bool] = None, device=None, channels_last: Optional[bool] = None,
+                 dtype: Optional[torch.dtype] = None, prepack: Optional[bool] = None,
+                 micro_batch: Optional[int] = None):
         specs = model.heads
         if not specs:
             raise DarknetError(f"{os.path.basename(model.graph.path)}: no [yolo], "
@@ -79,11 +84,20 @@ class Detector:
             self.model.to(device)
         self.device = next(self.model.parameters()).device
         self.dtype = dtype or torch.float32
+        if channels_last is None:
+            channels_last = self.device.type == "cpu"
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if dtype is not None:
             self.model.to(dtype)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if prepack is None:
+            prepack = self.device.type == "cpu" and self.dtype == torch.float32
+        if prepack:
+            self.model.prepack()
+        if micro_batch is None:
+            micro_batch = 1 if self.device.type == "cpu" else 0
+        self.micro_batch = int(micro_batch)  # 0: the whole batch at once
 
     # ---------------------------------------------------------------------------- steps
     def prepare(self, image: Image) -> Tuple[np.ndarray, Tuple[int, int]]:
@@ -96,8 +110,12 @@ class Detector:
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
         x = x.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
         with torch.inference_mode():
-            outs = self.model(x)
-        arrays = [o.float().cpu().numpy() for o in outs]
+            if 0 < self.micro_batch < len(x):
+                parts = [self.model(c) for c in x.split(self.micro_batch)]
+                outs = [torch.cat(o) for o in zip(*parts)]
+            else:
+                outs = self.model(x)
+        arrays = [o.float().cpu().contiguous().numpy() for o in outs]  # NCHW for decoding
         idx = self.model.output_indices
         return [{li: a[n] for li, a in zip(idx, arrays)} for n in range(len(batch))]
 
@@ -154,17 +172,30 @@ def nms_matrix(dets: Detections, nms_thresh: float = 0.45, kind: str = "default"
     else:
         score = box_iou_matrix(boxes, boxes)
     over = score > np.float32(nms_thresh)  # over[i, j]: box i (higher prob) suppresses box j
-    for k in classes:
-        p = probs[rows, k]
-        cand = np.flatnonzero(p != 0)
-        order = cand[np.argsort(-p[cand], kind="stable")]
-        o = over[np.ix_(order, order)]
-        alive = np.ones(len(order), dtype=bool)
-        for i in range(len(order) - 1):
-            if alive[i]:
-                alive[i + 1:] &= ~o[i, i + 1:]
-        p[order[~alive]] = 0
-        probs[rows, k] = p
+    # every (box, class) candidate, grouped by class and sorted by prob descending (ties keep the
+    # box order), then padded to a (classes, L) table: Darknet's per-class greedy passes run in
+    # lockstep, L = the most candidates any class has
+    sub = probs[np.ix_(rows, classes)]                         # (n, K)
+    r, c = np.nonzero(sub)
+    order = np.lexsort((r, -sub[r, c], c))
+    r, c = r[order], c[order]
+    starts = np.searchsorted(c, np.arange(len(classes)))
+    pos = np.arange(len(c)) - starts[c]
+    L, n = int(pos.max()) + 1, len(rows)
+    chunk = max(1, (1 << 24) // (L * L))                       # bounds the (K, L, L) gather
+    for lo in range(0, len(classes), chunk):
+        sel = (c >= lo) & (c < lo + chunk)
+        cs, ps, rs = c[sel] - lo, pos[sel], r[sel]
+        table = np.zeros((min(chunk, len(classes) - lo), L), np.int32)
+        table[cs, ps] = rs
+        alive = np.zeros(table.shape, bool)
+        alive[cs, ps] = True                                   # padding never suppresses
+        o = over.ravel()[table[:, :, None] * n + table[:, None, :]]  # flat: 2x faster
+        for i in range(L - 1):
+            if alive[:, i].any():
+                alive[:, i + 1:] &= ~(o[:, i, i + 1:] & alive[:, i:i + 1])
+        dead = ~alive[cs, ps]
+        probs[rows[rs[dead]], classes[lo + cs[dead]]] = 0
     return dets.with_probs(probs)
 
 

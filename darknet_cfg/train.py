@@ -9,6 +9,8 @@ What follows Darknet exactly:
   B = batch*subdivisions images per iteration; decay only on conv/connected/shortcut ``weights``,
   never on biases or batch-norm scales) -- the same as ``torch.optim.SGD`` with
   ``lr=rate/B, momentum, weight_decay=decay*B`` for the weights and no decay for the rest;
+* Adam (``adam=1`` with ``B1``, ``B2``, ``eps``): darknet's ``adam_update_gpu`` for the tensors of
+  [convolutional] and [implicit] layers (``DarknetAdam``; the other layers keep the SGD above);
 * gradient accumulation over ``subdivisions`` mini-batches of ``batch/subdivisions`` images; the
   loss is darknet's (``loss.py``, its gradient is ``-l.delta`` summed over the images);
 * the reported loss is ``train_network``'s ``sum over subdivisions of mean(layer costs) /
@@ -22,8 +24,9 @@ What follows Darknet exactly:
 
 Batch-norm in training mode: darknet normalises with the UNBIASED batch variance; PyTorch's
 BatchNorm with the biased one. ``use_darknet_batchnorm(model)`` (on by default in the trainer)
-rescales the BN weight per channel by ``sqrt((var_b+eps)/(var_u+eps))`` so the native kernel
-computes darknet's forward, with the exact autograd gradient of that forward (darknet's own CPU BN
+calls the native kernel with the weight scaled by ``sqrt((n-1)/n)`` and eps by ``(n-1)/n`` (an
+identity: that is darknet's forward), so it costs nothing extra and autograd gives the exact
+gradient of that forward (darknet's own CPU BN
 backward is an approximation; the oracle's variant_fixed shows the difference is ~1e-3 relative).
 Running statistics: both use ``0.9*rolling + 0.1*batch`` with the unbiased variance.
 """
@@ -47,7 +50,8 @@ from .errors import DarknetError
 from .loss import RegionLossParams, YoloLossParams, region_loss, yolo_loss
 from .options import CfgWarning
 
-__all__ = ["get_current_rate", "darknet_param_groups", "make_optimizer", "set_rate",
+__all__ = ["get_current_rate", "darknet_param_groups", "darknet_adam_params", "DarknetAdam",
+           "make_optimizer", "set_rate",
            "use_darknet_batchnorm", "HeadLoss", "train_step_loss", "Trainer", "TrainOptions",
            "images_per_iteration", "checkpoint_names"]
 
@@ -119,19 +123,115 @@ def darknet_param_groups(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.
     return decay, no_decay
 
 
-def make_optimizer(model: nn.Module, settings: Dict) -> torch.optim.SGD:
+def darknet_adam_params(model: nn.Module) -> List[nn.Parameter]:
+    """The tensors darknet updates with Adam when ``adam=1``: weights, biases and BN scales (and
+    the BN shift, darknet's ``biases`` of a BN convolution) of [convolutional] layers, and the
+    weights of [implicit] layers. Other layers (connected, shortcut, batchnorm ...) keep SGD."""
+    from .layers.conv import ConvBnAct
+    from .layers.misc import Implicit
+    out, seen = [], set()
+    for m in model.modules():
+        if isinstance(m, ConvBnAct) and m._shared is None:
+            tensors = [m.conv.weight, m.conv.bias]
+            if m.bn is not None:
+                tensors += [m.bn.weight, m.bn.bias]
+        elif isinstance(m, Implicit):
+            tensors = [m.weight]
+        else:
+            continue
+        for t in tensors:
+            if isinstance(t, nn.Parameter) and t.requires_grad and id(t) not in seen:
+                out.append(t)
+                seen.add(id(t))
+    return out
+
+
+class DarknetAdam(torch.optim.Optimizer):
+    """Darknet's ``adam=1`` update (``update_convolutional_layer_gpu`` -> ``adam_update_gpu``;
+    darknet's CPU build has no Adam and silently runs SGD).
+
+    For the groups with ``adam=True``, with ``g`` = the gradient summed over the iteration's
+    images plus ``decay*B*W`` (darknet's update buffer is ``-g``) and ``t`` the iteration number
+    (``get_current_batch`` at the update)::
+
+        m = B1*m + (1-B1)*g;   v = B2*v + (1-B2)*g^2
+        W -= rate * (m / (1-B1^t)) / (sqrt(v / (1-B2^t)) + eps)
+
+    with the full ``rate`` (not ``rate/B``). Darknet passes the decay to every Adam tensor, so
+    biases and BN scales are decayed too (unlike its SGD). The other groups follow darknet's SGD,
+    exactly as ``torch.optim.SGD(lr=rate/B, momentum, weight_decay=decay*B)``. ``set_rate`` sets
+    ``lr``, ``weight_decay`` and ``t`` of each group."""
+
+    def __init__(self, params, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 momentum: float = 0.9):
+        defaults = dict(lr=0.0, weight_decay=0.0, momentum=momentum, betas=tuple(betas), eps=eps,
+                        adam=False, t=None)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            lr, wd = g["lr"], g["weight_decay"]
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad.add(p, alpha=wd) if wd else p.grad
+                st = self.state[p]
+                if g["adam"]:
+                    b1, b2 = g["betas"]
+                    if not st:
+                        st["step"] = 0
+                        st["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        st["v"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["step"] += 1
+                    t = g["t"] if g["t"] is not None else st["step"]
+                    st["m"].mul_(b1).add_(d, alpha=1 - b1)
+                    st["v"].mul_(b2).addcmul_(d, d, value=1 - b2)
+                    denom = (st["v"] / (1 - b2 ** t)).sqrt_().add_(g["eps"])
+                    p.addcdiv_(st["m"], denom, value=-lr / (1 - b1 ** t))
+                else:
+                    buf = st.get("momentum_buffer")
+                    if buf is None:
+                        buf = st["momentum_buffer"] = d.detach().clone()
+                    else:
+                        buf.mul_(g["momentum"]).add_(d)
+                    p.add_(buf, alpha=-lr)
+        return loss
+
+
+def make_optimizer(model: nn.Module, settings: Dict) -> torch.optim.Optimizer:
+    """Darknet's optimizer for the cfg: SGD (``torch.optim.SGD``), or ``DarknetAdam`` when
+    ``adam=1``."""
     decay, no_decay = darknet_param_groups(model)
     mom = float(settings.get("momentum", 0.9))
+    if int(settings.get("adam", 0) or 0):
+        adam = darknet_adam_params(model)
+        ids = {id(p) for p in adam}
+        groups = [dict(params=adam, darknet_decay=True, adam=True),
+                  dict(params=[p for p in decay if id(p) not in ids], darknet_decay=True),
+                  dict(params=[p for p in no_decay if id(p) not in ids], darknet_decay=False)]
+        betas = (float(settings.get("B1", 0.9)), float(settings.get("B2", 0.999)))
+        return DarknetAdam([g for g in groups if g["params"]], betas=betas,
+                           eps=float(settings.get("eps", 0.000001)), momentum=mom)
     groups = [dict(params=decay, darknet_decay=True), dict(params=no_decay, darknet_decay=False)]
     groups = [g for g in groups if g["params"]]
     return torch.optim.SGD(groups, lr=0.0, momentum=mom, dampening=0.0, weight_decay=0.0)
 
 
-def set_rate(opt: torch.optim.Optimizer, rate: float, settings: Dict, batch: int) -> None:
-    """lr = rate/batch, weight_decay = decay*batch (decay group only): darknet's update_network."""
+def set_rate(opt: torch.optim.Optimizer, rate: float, settings: Dict, batch: int,
+             iteration: Optional[int] = None) -> None:
+    """lr = rate/batch, weight_decay = decay*batch (decay group only): darknet's update_network.
+    Adam groups: lr = rate, weight_decay = decay*batch, t = ``iteration`` (None: count steps)."""
     decay = float(settings.get("decay", 0.0001))
     for g in opt.param_groups:
-        g["lr"] = rate / batch
+        if g.get("adam"):
+            g["lr"], g["t"] = rate, iteration
+        else:
+            g["lr"] = rate / batch
         g["weight_decay"] = decay * batch if g.get("darknet_decay") else 0.0
 
 
@@ -139,14 +239,15 @@ def set_rate(opt: torch.optim.Optimizer, rate: float, settings: Dict, batch: int
 def _darknet_bn_forward(self, x):
     if not self.training:
         return self._torch_forward(x)
-    dims = [d for d in range(x.dim()) if d != 1]
     n = x.numel() // x.shape[1]
     if n < 2:
         return self._torch_forward(x)
-    var_b = x.var(dim=dims, correction=0)
-    k = torch.sqrt((var_b + self.eps) / (var_b * (n / (n - 1)) + self.eps))
-    return F.batch_norm(x, self.running_mean, self.running_var, self.weight * k, self.bias,
-                        True, self.momentum, self.eps)
+    # (x - m) / sqrt(v*n/(n-1) + eps) == sqrt((n-1)/n) * (x - m) / sqrt(v + eps*(n-1)/n): torch's
+    # fused batch norm with a scaled weight and eps gives darknet's unbiased normalisation in
+    # one pass (the running statistics do not depend on eps)
+    f = (n - 1) / n
+    return F.batch_norm(x, self.running_mean, self.running_var, self.weight * math.sqrt(f),
+                        self.bias, True, self.momentum, self.eps * f)
 
 
 def use_darknet_batchnorm(model: nn.Module, enabled: bool = True) -> nn.Module:
@@ -277,9 +378,11 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-UNSUPPORTED_NET = {"mosaic": 0, "mixup": 0, "cutmix": 0, "blur": 0, "gaussian_noise": 0,
-                   "adam": 0, "contrastive": 0, "track": 0, "ema_alpha": 0.0, "dynamic_minibatch": 0,
+UNSUPPORTED_NET = {"cutmix": 0, "contrastive": 0, "track": 0, "ema_alpha": 0.0, "dynamic_minibatch": 0,
                    "adversarial_lr": 0.0, "attention": 0, "unsupervised": 0}
+# why a key is ignored, where darknet ignores it too
+_UNSUPPORTED_WHY = {"cutmix": "darknet's detector ignores it too: CutMix is for classifiers "
+                              "(with mosaic=1 the mosaic runs)"}
 
 
 def _unsupported_warnings(model) -> List[str]:
@@ -294,8 +397,9 @@ def _unsupported_warnings(model) -> List[str]:
             except ValueError:
                 v = 1.0
             if v != default:
+                why = f" ({_UNSUPPORTED_WHY[key]})" if key in _UNSUPPORTED_WHY else ""
                 msgs.append(f"{cfg.path}:{opt.line}: [net] {key}={opt.value} is not supported by "
-                            "the trainer and is ignored")
+                            f"the trainer and is ignored{why}")
     for spec in model.graph.layers:
         sec = cfg.sections[spec.index + 1]
         for key in ("stopbackward", "train_only_bn", "learning_rate", "map", "embedding_layer"):
@@ -334,6 +438,7 @@ class TrainOptions:
     progress: bool = True
     threads: Optional[int] = None
     darknet_bn: bool = True
+    channels_last: Optional[bool] = None  # None: on for CPU (oneDNN's NHWC kernels are faster)
     augment: bool = True
     log: Optional[object] = None          # callable(str) for messages; default: print to stderr
     on_iteration: Optional[object] = None  # callable(trainer, info dict) after each iteration
@@ -385,6 +490,10 @@ class Trainer:
         self.model = model.to(self.device)
         if self.world > 1:
             _broadcast_module(self.model)
+        cl = o.channels_last if o.channels_last is not None else self.device.type == "cpu"
+        self.memory_format = torch.channels_last if cl else torch.contiguous_format
+        if cl:
+            self.model.to(memory_format=torch.channels_last)
         self.opt = make_optimizer(self.model, self.settings)
         # data
         if not self.data.train:
@@ -464,7 +573,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
         for s, (x, t) in enumerate(batches):
-            x = x.to(self.device, non_blocking=True)
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             seen = self.iteration * self.B + (s + 1) * self.mini * self.world
             cost, _ = train_step_loss(self.model, self.head_loss, x, t, seen)
             total += cost
@@ -472,7 +581,7 @@ class Trainer:
             total = _sync_gradients_and_stats(self.model, total) / self.world
         self.iteration += 1
         rate = get_current_rate(self.settings, self.iteration)
-        set_rate(self.opt, rate, self.settings, self.B)
+        set_rate(self.opt, rate, self.settings, self.B, self.iteration)
         self.opt.step()
         self.rate = rate
         loss = total / (self.sub * self.mini)

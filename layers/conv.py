@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import onednn
 from .activations import Activation
 
 BN_EPS = 1e-5  # darknet's batch-norm epsilon (OpenCV's importer uses 1e-6)
@@ -55,6 +56,7 @@ class ConvBnAct(nn.Module):
         self.xnor = bool(xnor)
         self.dontloadscales = bool(dontloadscales)
         self._shared: Optional[List["ConvBnAct"]] = None
+        self.prepacked = False  # set by DarknetModel.prepack() (CPU inference only)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -86,6 +88,12 @@ class ConvBnAct(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         src = self.source
+        if self.prepacked and src.bn is None and not self.binary and x.device.type == "cpu" \
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling() \
+                and not torch.jit.is_tracing():
+            y = onednn.packed_conv(src.conv, self.act.name, x)
+            if y is not None:
+                return y if self.act.name in onednn.FUSED_ACTIVATIONS else self.act(y)
         if self.xnor:
             x = torch.where(x > 0, torch.ones_like(x), -torch.ones_like(x))
         conv = src.conv
@@ -117,6 +125,9 @@ class ConvBnAct(nn.Module):
                           self.conv.groups, bias=True).to(w.device)
         fused.weight.copy_(w)
         fused.bias.copy_(b)
+        if self.conv.weight.dim() == 4 and not self.conv.weight.is_contiguous() and \
+                self.conv.weight.is_contiguous(memory_format=torch.channels_last):
+            fused.to(memory_format=torch.channels_last)  # a channels_last model stays so
         self.conv, self.bn = fused, None
 
 

@@ -31,8 +31,36 @@ class MaxPool(nn.Module):
                 x = F.pad(x, (0, 0, 0, 0, 0, groups * self.out_channels - c), value=NEG)
             return x.view(n, groups, self.out_channels, h, w).amax(1)
         if any(self.pads):
+            native = self._native_padding(x.shape[-2], x.shape[-1])
+            if native is not None:  # same windows without copying the input into a padded one
+                pad, ceil = native
+                return F.max_pool2d(x, self.size, self.stride, padding=pad, ceil_mode=ceil)
             x = F.pad(x, self.pads, value=NEG)
         return F.max_pool2d(x, self.size, self.stride)
+
+    def _native_padding(self, h: int, w: int):
+        """(padding, ceil_mode) for which torch's max_pool2d has darknet's windows, or None.
+        Darknet pads left/top by p//2 and the rest right/bottom; torch pads both sides equally
+        (and ceil_mode adds windows that run off the right/bottom edge). Every window keeps at
+        least one input tap here, so torch's -inf padding equals darknet's -FLT_MAX."""
+        left, right, top, bottom = self.pads
+        if left != top or right != bottom:
+            return None
+        sy, sx = self.stride
+        want = ((h + top + bottom - self.size) // sy + 1, (w + left + right - self.size) // sx + 1)
+        if 2 * left > self.size:
+            return None
+        for ceil in (False, True):
+            got = []
+            for n, s in ((h, sy), (w, sx)):
+                span = n + 2 * left - self.size
+                o = (-(-span // s) if ceil else span // s) + 1
+                if ceil and (o - 1) * s >= n + left:  # torch drops a window starting in the padding
+                    o -= 1
+                got.append(o)
+            if tuple(got) == want:
+                return left, ceil
+        return None
 
 
 class LocalAvgPool(nn.Module):

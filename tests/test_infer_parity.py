@@ -5,11 +5,14 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import IMAGES, ORACLE, model_names, needs_shared, oracle_io
+from test_postprocess import _probs_dense
 
 import darknet_cfg
 from darknet_cfg.infer import Detector
+from darknet_cfg.layers.activations import COMPILABLE
 
 SKIP = {"cspx-p7-mish": "darknet read anchors past its list for layer 374 (oracle README)"}
 BIG_BYTES = 100_000_000  # weights files above this are marked slow (still run in CI)
@@ -42,14 +45,6 @@ def load_oracle_model(name, tmp_path):
     return model, m.meta
 
 
-def _dense(boxes, key, classes):
-    p = np.zeros((len(boxes), classes), np.float64)
-    for i, b in enumerate(boxes):
-        for c, v in b[key]:
-            p[i, c] = v
-    return p
-
-
 def assert_same_detections(dets, after, ref):
     """Same boxes by provenance and order, same class sets before/after NMS, values to 1e-4."""
     boxes = ref["boxes"]
@@ -58,7 +53,7 @@ def assert_same_detections(dets, after, ref):
     assert mine == theirs, f"{len(set(mine) ^ set(theirs))} boxes differ by provenance"
     np.testing.assert_allclose(dets.objectness, [b["objectness"] for b in boxes], rtol=0, atol=1e-4)
     for key, got in (("probs_pre_nms", dets.probs), ("probs", after.probs)):
-        want = _dense(boxes, key, dets.classes)
+        want = _probs_dense(boxes, key, dets.classes)
         bad = np.flatnonzero(((got != 0) != (want != 0)).any(axis=1))
         assert bad.size == 0, f"{key}: class sets differ for boxes {[theirs[i] for i in bad[:5]]}"
         assert np.abs(got - want).max(initial=0) <= 1e-4
@@ -98,9 +93,15 @@ def test_detector_end_to_end_matches_darknet(name, tmp_path):
     assert size == (ref["image_w"], ref["image_h"])
     np.testing.assert_array_equal(x, np.load(ORACLE / "models" / name / "input.npy"))
 
-    for fused in (False, True):
-        if fused:
+    # Detector runs channels_last on CPU; then BN folded; then mish etc. compiled
+    assert det.memory_format == torch.channels_last
+    for step in ("eager", "fused", "compiled"):
+        if step == "fused":
             model.fuse()
+        if step == "compiled":
+            if not any(getattr(m, "name", "") in COMPILABLE for m in model.modules()):
+                continue
+            model.compile_activations()
         out = det.forward(x[None])[0]
         _assert_outputs_close(name, out)
         dets = det.decode(out, size)

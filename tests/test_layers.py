@@ -280,3 +280,29 @@ def test_activations_match_darknet_formulas():
     n = ACTIVATIONS["normalize_channels"](t)
     pos = t.clamp(min=0)
     torch.testing.assert_close(n, pos / (0.0001 + pos.sum(1, keepdim=True)))
+
+
+def test_maxpool_native_padding_equals_explicit_padding():
+    """MaxPool uses torch's own padding/ceil_mode where that gives darknet's windows; every
+    geometry must equal padding with -FLT_MAX explicitly (darknet's rule)."""
+    import itertools
+
+    import torch.nn.functional as F
+
+    from darknet_cfg.layers.pooling import NEG, MaxPool
+    torch.manual_seed(0)
+    native = 0
+    for size, stride, pad, h, w in itertools.product((1, 2, 3, 5, 9, 13), (1, 2, 3),
+                                                      (0, 1, 2, 4, 8, 12), (5, 8, 13, 16), (5, 7, 16)):
+        lo = pad // 2
+        if (w + pad - size) // stride + 1 <= 0 or (h + pad - size) // stride + 1 <= 0 or size > w + pad:
+            continue
+        if size > h + pad:
+            continue
+        m = MaxPool(size, stride, stride, pad)
+        x = torch.randn(2, 3, h, w)
+        ref = F.max_pool2d(F.pad(x, (lo, pad - lo, lo, pad - lo), value=NEG), size, stride)
+        native += any(m.pads) and m._native_padding(h, w) is not None
+        got = m(x)
+        assert got.shape == ref.shape and torch.equal(got, ref), (size, stride, pad, h, w)
+    assert native > 300
