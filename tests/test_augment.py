@@ -8,6 +8,7 @@ import torch
 
 from test_train import _cfg
 
+import darknet_cfg
 from darknet_cfg.data import (MIXUP, MOSAIC, SINGLE, AugmentParams, DetectionDataset, _mosaic_truths,
                               augment, mixup_images, mosaic_images)
 from darknet_cfg.synth import make_synthetic
