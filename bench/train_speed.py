@@ -6,7 +6,8 @@ counting data loading + forward + loss + backward + SGD step.
 Uses darknet's yolov4-tiny.cfg (from ../shared/darknet-cfg or --cfg) with batch=64,
 subdivisions=1, width=height=224 and max_batches set for the run; data: a synthetic dataset
 (256x256 JPEGs, resized/augmented to 224 by the loader). Prints images/s and where the time goes
-(waiting for data, forward, loss, backward, optimizer step). Darknet's CPU build: 13-16 s per
+(waiting for data, forward, loss, backward, optimizer step). The model trains channels_last as
+the Trainer does on CPU (--nchw for the NCHW comparison). Darknet's CPU build: 13-16 s per
 64-image iteration (about 4.4 images/s); target >= 22 images/s.
 """
 import argparse

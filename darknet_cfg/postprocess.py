@@ -204,13 +204,18 @@ def _anchor_table(head: HeadParams, layer_index) -> np.ndarray:
 
 def _cells(out: np.ndarray, head: HeadParams, layer_index) -> np.ndarray:
     """(C, H, W) -> (H*W*n, entries): cells row-major, anchor slots inner (darknet's order)."""
-    C, H, W = out.shape
-    K = head.entries
+    _, H, W = out.shape
+    K = _check_channels(out, head, layer_index)
+    return out.reshape(head.n, K, H, W).transpose(2, 3, 0, 1).reshape(H * W * head.n, K)
+
+
+def _check_channels(out: np.ndarray, head: HeadParams, layer_index) -> int:
+    C, K = out.shape[0], head.entries
     if C != head.n * K:
         raise ValueError(f"detection layer {layer_index}: output has {C} channels, expected "
                          f"{head.n}*{K} = {head.n * K} for a [{head.kind}] layer with "
                          f"{head.classes} classes and {head.n} anchors")
-    return out.reshape(head.n, K, H, W).transpose(2, 3, 0, 1).reshape(H * W * head.n, K)
+    return K
 
 
 def _decode_layer(out: np.ndarray, head: HeadParams, layer_index, net_w: int, net_h: int,
@@ -219,11 +224,17 @@ def _decode_layer(out: np.ndarray, head: HeadParams, layer_index, net_w: int, ne
     for one layer, before correct_yolo_boxes. Returns a dict of per-box arrays."""
     _, H, W = out.shape
     n = head.n
-    v = _cells(out, head, layer_index)
-    cell = np.arange(H * W * n)
-    slot = cell % n
-    row = (cell // n) // W
-    col = (cell // n) % W
+    if head.kind == "region":  # every cell becomes a box
+        v = _cells(out, head, layer_index)
+        cell = np.arange(H * W * n)
+        slot = cell % n
+        row = (cell // n) // W
+        col = (cell // n) % W
+    else:  # only the cells whose objectness passes, gathered in darknet's (row, col, anchor) order
+        per = out.reshape(n, _check_channels(out, head, layer_index), H, W)
+        obj = per[:, 4 if head.kind == "yolo" else 8].transpose(1, 2, 0)     # (H, W, n)
+        row, col, slot = np.nonzero(obj > thresh)  # strict; NaN never passes
+        v = per[slot, :, row, col]                                          # (k, entries)
     anchors = _anchor_table(head, layer_index)
     aw, ah = anchors[slot, 0], anchors[slot, 1]
     uc = None
@@ -243,9 +254,6 @@ def _decode_layer(out: np.ndarray, head: HeadParams, layer_index, net_w: int, ne
         keep = np.ones(len(v), dtype=bool)
     elif head.kind == "yolo":
         objectness = v[:, 4]
-        keep = objectness > thresh  # strict; NaN never passes
-        v, slot, row, col, aw, ah = v[keep], slot[keep], row[keep], col[keep], aw[keep], ah[keep]
-        objectness = objectness[keep]
         x = (col.astype(_F) + v[:, 0]) / _F(W)
         y = (row.astype(_F) + v[:, 1]) / _F(H)
         if head.new_coords:
@@ -259,9 +267,6 @@ def _decode_layer(out: np.ndarray, head: HeadParams, layer_index, net_w: int, ne
         probs = np.where(probs > thresh, probs, _F(0))
     else:  # Gaussian_yolo
         objectness = v[:, 8]
-        keep = objectness > thresh
-        v, slot, row, col, aw, ah = v[keep], slot[keep], row[keep], col[keep], aw[keep], ah[keep]
-        objectness = objectness[keep]
         w = (np.exp(v[:, 4].astype(np.float64)) * aw / net_w).astype(_F)
         h = (np.exp(v[:, 6].astype(np.float64)) * ah / net_h).astype(_F)
         x = (col.astype(_F) + v[:, 0]) / _F(W)
