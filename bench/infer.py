@@ -158,15 +158,14 @@ class Engine:
     def forward(self, x):
         if self.kind in ("eager", "fused", "compiled"):
             import torch
+            from darknet_cfg.infer import forward_micro_batches
             t = torch.from_numpy(x)
             if self.cl:
                 t = t.contiguous(memory_format=torch.channels_last)
             ctx = torch.no_grad() if self.no_grad else torch.inference_mode()
             with ctx:
-                if self.kind == "eager" or len(t) == 1:
-                    outs = self.model(t)
-                else:  # image by image, as Detector does on CPU (micro_batch=1)
-                    outs = [torch.cat(o) for o in zip(*[self.model(c) for c in t.split(1)])]
+                # image by image, as Detector does on CPU (micro_batch=1); eager: the plain call
+                outs = forward_micro_batches(self.model, t, 0 if self.kind == "eager" else 1)
                 return [o.contiguous().numpy() for o in outs]  # as Detector
         if self.kind == "onnxruntime":
             return self.sess.run(None, {"input": x})

@@ -23,7 +23,7 @@ from .postprocess import (NMS_KINDS, Detections, HeadParams, _diou_matrix, box_i
                           get_network_boxes)
 from .preprocess import detector_input, load_image
 
-__all__ = ["Detector", "nms_matrix", "COCO_NAMES", "COCO_IDS", "darknet_lines", "json_frame",
+__all__ = ["Detector", "forward_micro_batches", "nms_matrix", "COCO_NAMES", "COCO_IDS", "darknet_lines", "json_frame",
            "coco_records", "coco_image_id", "selected"]
 
 COCO_NAMES = tuple((  # darknet's data/coco.names
@@ -50,6 +50,13 @@ def _head_params(specs) -> Dict[int, HeadParams]:
         return {s.index: HeadParams.from_spec(s) for s in specs}
     except NotImplementedError as e:
         raise DarknetError(str(e)) from None
+
+
+def forward_micro_batches(model, x: torch.Tensor, micro_batch: int) -> List[torch.Tensor]:
+    """``model(x)`` run ``micro_batch`` images at a time (0: all at once), outputs concatenated."""
+    if not 0 < micro_batch < len(x):
+        return model(x)
+    return [torch.cat(o) for o in zip(*[model(c) for c in x.split(micro_batch)])]
 
 
 class Detector:
@@ -110,11 +117,7 @@ class Detector:
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
         x = x.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
         with torch.inference_mode():
-            if 0 < self.micro_batch < len(x):
-                parts = [self.model(c) for c in x.split(self.micro_batch)]
-                outs = [torch.cat(o) for o in zip(*parts)]
-            else:
-                outs = self.model(x)
+            outs = forward_micro_batches(self.model, x, self.micro_batch)
         arrays = [o.float().cpu().contiguous().numpy() for o in outs]  # NCHW for decoding
         idx = self.model.output_indices
         return [{li: a[n] for li, a in zip(idx, arrays)} for n in range(len(batch))]

@@ -25,6 +25,13 @@ def _mish_one_exp(x: Tensor) -> Tensor:
     return torch.where(x > 20, x, x * n / (n + 2))  # darknet's softplus threshold: x > 20 -> x
 
 
+def eager_inference() -> bool:
+    """True in a plain no-grad forward: where the inference-only fast paths (compiled
+    activations, prepacked convolutions) may run; never while training, compiling or exporting."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling() \
+        and not torch.jit.is_tracing()
+
+
 _KERNELS: Dict[str, Callable[[Tensor], Tensor]] = {}   # name -> compiled fn (or eager fallback)
 _RUNNERS: Dict[str, Callable[[Tensor], Tensor]] = {}
 
@@ -133,8 +140,7 @@ class Activation(nn.Module):
         self.compiled = False  # set by DarknetModel.compile_activations (inference only)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.compiled and not torch.is_grad_enabled() and not torch.compiler.is_compiling() \
-                and not torch.jit.is_tracing():
+        if self.compiled and eager_inference():
             return compiled_activation(self.name)(x)
         return self.fn(x)
 

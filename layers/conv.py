@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import onednn
-from .activations import Activation
+from .activations import Activation, eager_inference
 
 BN_EPS = 1e-5  # darknet's batch-norm epsilon (OpenCV's importer uses 1e-6)
 TensorList = List[Tuple[str, Tensor]]
@@ -89,8 +89,7 @@ class ConvBnAct(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         src = self.source
         if self.prepacked and src.bn is None and not self.binary and x.device.type == "cpu" \
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling() \
-                and not torch.jit.is_tracing():
+                and eager_inference():
             y = onednn.packed_conv(src.conv, self.act.name, x)
             if y is not None:
                 return y if self.act.name in onednn.FUSED_ACTIVATIONS else self.act(y)
