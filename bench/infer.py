@@ -10,9 +10,12 @@ dog.png, with 2 threads. Engines are interleaved round by round; figures are med
 ``--runs`` rounds, per image (batch time / batch). Forward, decode (get_network_boxes; OpenCV:
 reading its decoded rows) and NMS (Darknet's; OpenCV: cv2.dnn.NMSBoxes per class) are timed
 separately. "fused" is what ``Detector`` runs on CPU: BN folded, channels_last, prepacked oneDNN
-convolutions (``model.prepack()``), a batch run image by image; "compiled" adds
-``model.compile_activations()`` (detect --compile). Peak memory: each engine alone in a fresh process (peak RSS after loading and 3
-batch-1 inferences). Ratios are to OpenCV DNN measured in the same run.
+convolutions (``model.prepack()``), in-place one-exp mish, a batch run image by image;
+"compiled" adds ``model.compile_activations()`` (detect --compile). The process runs with
+``runtime.keep_freed_memory()`` as Detector sets it (process-wide, so every engine has it).
+Peak memory: each engine alone in a fresh process (peak RSS after loading and 3 batch-1
+inferences). Ratios are to OpenCV DNN measured in the same run. The CPU's measured FMA peak
+(bench/cpu_peak.py) is printed before and after: it moves between runs on shared machines.
 """
 from __future__ import annotations
 
@@ -117,6 +120,8 @@ class Engine:
         if kind in ("eager", "fused", "compiled"):
             import torch
             import darknet_cfg
+            from darknet_cfg.runtime import keep_freed_memory
+            keep_freed_memory()  # as Detector does on CPU (process-wide: every engine gets it)
             model = darknet_cfg.load(cfg, weights)
             if kind != "eager":
                 model.fuse()
@@ -307,7 +312,9 @@ def main(argv=None):
     torch.set_num_threads(THREADS)
     torch.set_num_interop_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="darknet-cfg-bench."))
-    print(f"torch {torch.__version__}, {THREADS} threads, runs={args.runs}, tmp={tmp}", flush=True)
+    from cpu_peak import fma_peak
+    print(f"torch {torch.__version__}, {THREADS} threads, runs={args.runs}, tmp={tmp}, "
+          f"FMA peak now {fma_peak(THREADS) or float('nan'):.0f} GFLOP/s", flush=True)
     if args.levers:
         return levers(args, tmp)
     results, mem = {}, {}
@@ -324,6 +331,7 @@ def main(argv=None):
         print(table({key: results[key]}, mem), flush=True)  # as soon as it is measured
     if len(results) > 1:
         print(table(results, mem))
+    print(f"FMA peak at the end: {fma_peak(THREADS) or float('nan'):.0f} GFLOP/s")
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "memory_gb": {
             f"{k[0]} {k[1]}": v for k, v in mem.items()}}, indent=1))

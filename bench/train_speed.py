@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--nchw", action="store_true", help="NCHW instead of the default channels_last")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    from cpu_peak import fma_peak
+    peak0 = fma_peak(args.threads)
 
     from darknet_cfg.synth import make_synthetic
     from darknet_cfg.train import Trainer, TrainOptions, get_current_rate, set_rate
@@ -59,10 +61,13 @@ def main():
     it = iter(tr.loader())
     phases = dict(data=0.0, forward=0.0, loss=0.0, backward=0.0, step=0.0)
     t_start = None
+    import resource
+    faults = 0
     for i in range(total):
         if i == args.warmup:
             phases = {k: 0.0 for k in phases}
             t_start = time.perf_counter()
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         x, t = next(it)
         x = x.contiguous(memory_format=tr.memory_format)  # as Trainer.train_iteration
@@ -91,6 +96,12 @@ def main():
           f"({wall / args.iterations:.2f} s per iteration; darknet CPU ~4.4 images/s, target 22)")
     for k, v in phases.items():
         print(f"  {k:9s} {v / args.iterations:6.2f} s/it  {100 * v / wall:5.1f} %")
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    print(f"  page faults (main process): {faults / args.iterations:.0f} per iteration; peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
+    peak1 = fma_peak(args.threads)
+    if peak0 and peak1:
+        print(f"  FMA peak before / after: {peak0:.0f} / {peak1:.0f} GFLOP/s (bench/cpu_peak.py)")
     print(f"  load average: {open('/proc/loadavg').read().split()[:3]} (other processes share the cores)")
 
 

@@ -49,6 +49,7 @@ from torch import nn
 from .errors import DarknetError
 from .loss import RegionLossParams, YoloLossParams, region_loss, yolo_loss
 from .options import CfgWarning
+from .runtime import keep_freed_memory
 
 __all__ = ["get_current_rate", "darknet_param_groups", "darknet_adam_params", "DarknetAdam",
            "make_optimizer", "set_rate",
@@ -490,6 +491,8 @@ class Trainer:
         self.model = model.to(self.device)
         if self.world > 1:
             _broadcast_module(self.model)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # see runtime.py: no page faults for the batch's activations
         cl = o.channels_last if o.channels_last is not None else self.device.type == "cpu"
         self.memory_format = torch.channels_last if cl else torch.contiguous_format
         if cl:

@@ -92,7 +92,7 @@ class ConvBnAct(nn.Module):
                 and eager_inference():
             y = onednn.packed_conv(src.conv, self.act.name, x)
             if y is not None:
-                return y if self.act.name in onednn.FUSED_ACTIVATIONS else self.act(y)
+                return y if self.act.name in onednn.FUSED_ACTIVATIONS else self.act.forward_owned(y)
         if self.xnor:
             x = torch.where(x > 0, torch.ones_like(x), -torch.ones_like(x))
         conv = src.conv
@@ -100,7 +100,7 @@ class ConvBnAct(nn.Module):
                      conv.dilation, conv.groups)
         if src.bn is not None:
             x = src.bn(x)
-        return self.act(x)
+        return self.act.forward_owned(x)
 
     def darknet_tensors(self) -> TensorList:
         if self._shared:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import UPSTREAM_CFG, needs_shared
 
 import darknet_cfg
-from darknet_cfg.layers.activations import _mish_one_exp, compiled_activation
+from darknet_cfg.layers.activations import _mish_one_exp, _mish_one_exp_, compiled_activation
 
 
 def test_one_exp_mish_matches_darknet_mish():
@@ -21,6 +21,35 @@ def test_one_exp_mish_matches_darknet_mish():
     fin = torch.isfinite(want)
     err = (got[fin] - want[fin]).abs() / want[fin].abs().clamp(min=1e-30)
     assert float(err.max()) <= 1e-6
+
+
+def test_inplace_one_exp_mish_equals_formula():
+    x = torch.cat([torch.linspace(-120, 120, 20_001),
+                   torch.tensor([-1e30, -88.0, 19.999, 20.0, 20.001, 1e30, float("inf")])])
+    want = _mish_one_exp(x)
+    y = x.clone()
+    got = _mish_one_exp_(y)
+    assert got.data_ptr() == y.data_ptr()  # in place: no output buffer
+    torch.testing.assert_close(got, want, rtol=2e-7, atol=1e-7)
+    xc = (torch.randn(1, 16, 9, 9) * 6).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(_mish_one_exp_(xc.clone()), _mish_one_exp(xc), rtol=2e-7, atol=1e-7)
+
+
+def test_conv_mish_inplace_only_without_grad():
+    """ConvBnAct runs the in-place mish on its own conv output in no-grad inference only;
+    with gradients it is torch's mish and autograd works."""
+    from darknet_cfg.layers.conv import ConvBnAct
+    torch.manual_seed(0)
+    m = ConvBnAct(4, 6, 3, (1, 1), 1, activation="mish").eval()
+    x = torch.randn(2, 4, 9, 9) * 3
+    ref = F.mish(F.conv2d(x, m.conv.weight, m.conv.bias, padding=1).double()).float()
+    with torch.no_grad():
+        x0 = x.clone()
+        torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-6)
+        assert torch.equal(x, x0)
+    xg = x.clone().requires_grad_()
+    m(xg).sum().backward()
+    assert torch.isfinite(xg.grad).all()
 
 
 def test_compiled_mish_equals_eager_formula():
