@@ -1,7 +1,7 @@
 """Benchmark: train the shipped cfg/yolov4-tiny-mini.cfg on a synthetic dataset (>= 400 train /
 100 valid images at 224x224) on CPU within a time budget and report the mAP@0.5 curve.
 
-    python bench/train_map.py [--out /tmp/bench_map] [--budget 900] [--threads 2] [--workers 1]
+    python bench/train_map.py [--out /tmp/bench_map] [--budget 900] [--threads 2] [--workers N]
                               [--max-batches 1500] [--batch 16] [--lr 0.005]
 
 The cfg is copied with the batch size, learning rate, max_batches and steps (at 80 % / 90 % of
@@ -25,7 +25,8 @@ def main():
     ap.add_argument("--out", default="/tmp/bench_train_map")
     ap.add_argument("--budget", type=float, default=900.0, help="seconds (training + evaluation)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="data worker processes (default: Trainer's choice; 0 on 2 cores)")
     ap.add_argument("--images", type=int, default=400)
     ap.add_argument("--valid", type=int, default=100)
     ap.add_argument("--classes", type=int, default=3)
@@ -112,7 +113,7 @@ def main():
     for c in curve:
         print(f"{c['iteration']:9d} {c['seconds']:8.0f}  {c['map50']:.4f}")
     print(f"\nfinal mAP@0.5 = {final:.4f} after {tr.iteration} iterations, {total:.0f} s "
-          f"({args.threads} threads, {args.workers} workers); target >= 0.90 within 900 s")
+          f"({args.threads} threads, {tr.workers} workers); target >= 0.90 within 900 s")
     json.dump(dict(args=vars(args), curve=curve, final_map50=final, seconds=total,
                    iterations=tr.iteration), open(os.path.join(args.out, "result.json"), "w"), indent=1)
 

@@ -1,7 +1,7 @@
 """Benchmark: training throughput of yolov4-tiny at 224x224 on CPU, batch 64 (subdivisions 1),
 counting data loading + forward + loss + backward + SGD step.
 
-    python bench/train_speed.py [--threads 2] [--workers 1] [--iterations 6] [--warmup 2]
+    python bench/train_speed.py [--threads 2] [--workers N] [--iterations 6] [--warmup 2]
 
 Uses darknet's yolov4-tiny.cfg (from ../shared/darknet-cfg or --cfg) with batch=64,
 subdivisions=1, width=height=224 and max_batches set for the run; data: a synthetic dataset
@@ -25,7 +25,8 @@ def main():
     ap.add_argument("--cfg", default=os.path.join(shared, "darknet-cfg", "yolov4-tiny.cfg"))
     ap.add_argument("--out", default="/tmp/bench_train_speed")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="data worker processes (default: Trainer's choice; 0 on 2 cores)")
     ap.add_argument("--iterations", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--torch-bn", action="store_true", help="PyTorch's BN instead of darknet's")
@@ -90,7 +91,7 @@ def main():
               f"{'  [warm-up]' if i < args.warmup else ''}", flush=True)
     wall = time.perf_counter() - t_start
     ips = 64 * args.iterations / wall
-    print(f"\nyolov4-tiny 224x224, batch 64, {args.threads} threads, {args.workers} workers, "
+    print(f"\nyolov4-tiny 224x224, batch 64, {args.threads} threads, {tr.workers} workers, "
           f"{'torch' if args.torch_bn else 'darknet'} BN, {'NCHW' if args.nchw else 'channels_last'}: "
           f"{ips:.1f} images/s "
           f"({wall / args.iterations:.2f} s per iteration; darknet CPU ~4.4 images/s, target 22)")

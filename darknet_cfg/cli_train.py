@@ -22,8 +22,9 @@ def register(group: click.Group) -> None:
               help="iterations between mAP evaluations (default: darknet's max(100, 4*images/batch))")
 @click.option("--clear", is_flag=True, help="start the iteration count at 0 (ignore seen in WEIGHTS)")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
-              help="data-loading worker processes")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="data-loading worker processes [default: the cores training leaves free; "
+                   "0: load in this process on the training threads, between steps]")
 @click.option("--max-batches", type=click.IntRange(min=1), default=None,
               help="override [net] max_batches (the number of iterations)")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads")

@@ -653,6 +653,25 @@ def collate(items):
     return xs, targets
 
 
+class ThreadedBatches:
+    """Batches loaded in the training process itself, the images of a batch decoded and
+    augmented on ``threads`` threads (OpenCV releases the GIL). On a machine whose cores all
+    run the training step, this beats worker processes, whose work preempts the step's OpenMP
+    threads (yolov4-tiny@224 on 2 cores: 18.5 images/s inline vs 15-17.5 with one worker)."""
+
+    def __init__(self, dataset, batch_sampler, threads: int):
+        self.dataset, self.batch_sampler, self.threads = dataset, batch_sampler, max(1, threads)
+
+    def __iter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="darknet-cfg-data") as pool:
+            for batch in self.batch_sampler:
+                yield collate(list(pool.map(self.dataset.__getitem__, batch)))
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+
 class ScaleBatchSampler:
     """Infinite batch sampler: for each training iteration ``subdivisions`` mini-batches of
     ``(index, w, h, seed)``; images are drawn epoch by epoch in shuffled order. ``size_for(it)``

@@ -430,7 +430,7 @@ class TrainOptions:
     weights: Optional[str] = None
     clear: bool = False
     device: str = "cpu"
-    workers: int = 2
+    workers: Optional[int] = None  # None: auto (see Trainer.loader)
     max_batches: Optional[int] = None
     calc_map: bool = False
     map_every: Optional[int] = None
@@ -551,15 +551,30 @@ class Trainer:
             dh = int(round(coef * self.init_h / step + 1) * step)
         return max(dw, int(step)), max(dh, int(step))
 
+    @property
+    def workers(self) -> int:
+        """Data worker processes: ``TrainOptions.workers``, or when None the cores the training
+        step leaves free (at most 4; GPU: up to 4). 0: ``data.ThreadedBatches`` loads each batch
+        in this process on the step's threads, between steps (faster where no core is free)."""
+        if self.o.workers is not None:
+            return self.o.workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if self.device.type != "cpu":
+            return min(4, max(1, (cores or 2) - 1))
+        return min(4, max(0, (cores or 1) - torch.get_num_threads()))
+
     def loader(self):
         from torch.utils.data import DataLoader
-        from .data import ScaleBatchSampler, collate
+        from .data import ScaleBatchSampler, ThreadedBatches, collate
         sampler = ScaleBatchSampler(len(self.dataset), self.mini, self.sub, self.iteration,
                                     self.max_batches, self.size_for, seed=self.o.seed,
                                     rank=self.rank, world=self.world)
-        kw = dict(num_workers=self.o.workers, collate_fn=collate, batch_sampler=sampler,
+        workers = self.workers
+        if workers == 0 and self.device.type == "cpu":
+            return ThreadedBatches(self.dataset, sampler, torch.get_num_threads())
+        kw = dict(num_workers=workers, collate_fn=collate, batch_sampler=sampler,
                   pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init)
-        if self.o.workers > 0:
+        if workers > 0:
             kw.update(persistent_workers=False, prefetch_factor=2)
             # fork() from a process that already runs threads (OpenMP, OpenCV, onnxruntime ...)
             # can deadlock the child on a lock held by a thread that does not exist there;

@@ -190,3 +190,35 @@ def test_cli_synth_train_map(tmp_path):
     assert "mean average precision (mAP@0.50)" in r.output and "used 11 recall points" in r.output
     r = CliRunner().invoke(main, ["train", data, str(tmp_path / "missing.cfg")])
     assert r.exit_code != 0
+
+
+def test_threaded_batches_equal_dataloader_batches(dataset, tmp_path):
+    """workers=0 on CPU: batches loaded in-process on a thread pool are exactly the batches a
+    single-process DataLoader gives (every image has its own random stream)."""
+    import itertools
+    import torch
+    from torch.utils.data import DataLoader
+    from darknet_cfg.data import ScaleBatchSampler, ThreadedBatches, collate
+    tr = Trainer(_opts(dataset, _cfg(tmp_path), tmp_path, workers=0))
+    loader = tr.loader()
+    assert isinstance(loader, ThreadedBatches) and tr.workers == 0
+
+    def sampler():
+        return ScaleBatchSampler(len(tr.dataset), tr.mini, tr.sub, 0, tr.max_batches, tr.size_for,
+                                 seed=tr.o.seed)
+    ref = DataLoader(tr.dataset, batch_sampler=sampler(), collate_fn=collate, num_workers=0)
+    for (x, t), (xr, tr_) in itertools.islice(zip(ThreadedBatches(tr.dataset, sampler(), 3), ref), 4):
+        assert torch.equal(x, xr) and torch.equal(t, tr_)
+
+
+def test_auto_workers_leave_the_training_cores_alone(dataset, tmp_path, monkeypatch):
+    import os
+    import torch
+    tr = Trainer(_opts(dataset, _cfg(tmp_path), tmp_path, workers=None))
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(threads)), raising=False)
+    assert tr.workers == 0                       # every core runs the step: load in-process
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(threads + 3)), raising=False)
+    assert tr.workers == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(threads + 9)), raising=False)
+    assert tr.workers == 4
