@@ -173,13 +173,14 @@ def nms_matrix(dets: Detections, nms_thresh: float = 0.45, kind: str = "default"
     if len(rows) > max_boxes:
         return do_nms(dets, nms_thresh, kind, beta_nms)
     boxes = dets.boxes[rows]
-    if kind == "greedynms":
-        score = _diou_matrix(boxes, boxes, 0.6)
-    elif kind == "diounms":
-        score = _diou_matrix(boxes, boxes, float(np.float32(beta_nms)))
-    else:
-        score = box_iou_matrix(boxes, boxes)
-    over = score > np.float32(nms_thresh)  # over[i, j]: box i (higher prob) suppresses box j
+    th = np.float32(nms_thresh)
+    over = box_iou_matrix(boxes, boxes) > th  # over[i, j]: box i (higher prob) suppresses box j
+    if kind in ("greedynms", "diounms"):
+        # DIoU = IoU - u with u >= 0 (or IoU where c == 0), so only pairs whose IoU passes can
+        # pass: the float64 pow runs for those pairs only (same float32 expressions)
+        i, j = np.nonzero(over)
+        exponent = 0.6 if kind == "greedynms" else float(np.float32(beta_nms))
+        over[i, j] = _diou_matrix(boxes[i], boxes[j], exponent, outer=False) > th
     # every (box, class) candidate, grouped by class and sorted by prob descending (ties keep the
     # box order), then padded to a (classes, L) table: Darknet's per-class greedy passes run in
     # lockstep, L = the most candidates any class has

@@ -389,9 +389,12 @@ def box_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return iou
 
 
-def _pair_terms(a: np.ndarray, b: np.ndarray, need_diou: bool):
-    a = np.asarray(a, dtype=_F)[:, None, :]
-    b = np.asarray(b, dtype=_F)[None, :, :]
+def _pair_terms(a: np.ndarray, b: np.ndarray, need_diou: bool, outer: bool = True):
+    """IoU (and DIoU's d²/c², c²) of every pair of rows of a and b; ``outer=False``: of the
+    pairs (a[k], b[k]) only (the same float32 expressions, element by element)."""
+    a, b = np.asarray(a, dtype=_F), np.asarray(b, dtype=_F)
+    if outer:
+        a, b = a[:, None, :], b[None, :, :]
     half = _F(2)
     ax, ay, aw, ah = a[..., 0], a[..., 1], a[..., 2], a[..., 3]
     bx, by, bw, bh = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
@@ -415,9 +418,10 @@ def _pair_terms(a: np.ndarray, b: np.ndarray, need_diou: bool):
     return iou, (ratio, c)
 
 
-def _diou_matrix(a: np.ndarray, b: np.ndarray, exponent: float) -> np.ndarray:
-    """``iou - pow(d/c, exponent)`` (pow in double, result float); plain IoU where c == 0."""
-    iou, (ratio, c) = _pair_terms(a, b, need_diou=True)
+def _diou_matrix(a: np.ndarray, b: np.ndarray, exponent: float, outer: bool = True) -> np.ndarray:
+    """``iou - pow(d/c, exponent)`` (pow in double, result float); plain IoU where c == 0.
+    ``outer=False``: for the pairs (a[k], b[k]) only."""
+    iou, (ratio, c) = _pair_terms(a, b, need_diou=True, outer=outer)
     with np.errstate(invalid="ignore"):
         u = np.power(ratio.astype(np.float64), exponent).astype(_F)
     return np.where(c == 0, iou, iou - u).astype(_F)

@@ -34,3 +34,18 @@ def test_nms_matrix_random_clusters(seed):
             want = do_nms(dets, th, kind, 0.8).probs
             np.testing.assert_array_equal(nms_matrix(dets, th, kind, 0.8).probs, want)
             np.testing.assert_array_equal(nms_matrix(dets, th, kind, 0.8, max_boxes=10).probs, want)
+
+
+def test_paired_diou_equals_outer_entries():
+    """nms_matrix computes DIoU only for pairs whose IoU passes: the paired form must give the
+    outer matrix's values bit for bit, and DIoU never exceeds IoU (so the filter is exact)."""
+    from darknet_cfg.postprocess import _diou_matrix, box_iou_matrix
+    rng = np.random.default_rng(1)
+    b = np.concatenate([rng.random((200, 2)), rng.random((200, 2)) * 0.3], 1).astype(np.float32)
+    b[:5, 2:] = 0                                   # zero-size boxes: c == 0 for some pairs
+    for e in (0.6, 0.8, 1.0):
+        full = _diou_matrix(b, b, e)
+        i, j = np.nonzero(np.ones_like(full, bool))
+        np.testing.assert_array_equal(_diou_matrix(b[i], b[j], e, outer=False), full[i, j])
+        iou = box_iou_matrix(b, b)
+        assert not np.any(full > iou)
