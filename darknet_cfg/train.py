@@ -430,7 +430,7 @@ class TrainOptions:
     weights: Optional[str] = None
     clear: bool = False
     device: str = "cpu"
-    workers: Optional[int] = None  # None: auto (see Trainer.loader)
+    workers: Optional[int] = None  # None: auto (see Trainer.workers)
     max_batches: Optional[int] = None
     calc_map: bool = False
     map_every: Optional[int] = None
