@@ -11,7 +11,8 @@ dog.png, with 2 threads. Engines are interleaved round by round; figures are med
 reading its decoded rows) and NMS (Darknet's; OpenCV: cv2.dnn.NMSBoxes per class) are timed
 separately. "fused" is what ``Detector`` runs on CPU: BN folded, channels_last, prepacked oneDNN
 convolutions (``model.prepack()``), in-place one-exp mish, a batch run image by image;
-"compiled" adds ``model.compile_activations()`` (detect --compile). The process runs with
+"compiled" adds ``model.compile_activations()`` (detect --compile); "winograd" adds Winograd 3x3
+convolutions to that (detect --compile --winograd; opt-in). The process runs with
 ``runtime.keep_freed_memory()`` as Detector sets it (process-wide, so every engine has it).
 Peak memory: each engine alone in a fresh process (peak RSS after loading and 3 batch-1
 inferences). Ratios are to OpenCV DNN measured in the same run. The CPU's measured FMA peak
@@ -44,7 +45,8 @@ import numpy as np  # noqa: E402  (torch is imported lazily: the memory probes o
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DARKNET_CFG_SHARED", REPO.parent / "shared"))
 MODELS = {"yolov4-tiny": 416, "yolov4": 416, "yolov4-csp": 512}
-ENGINES = ("eager", "fused", "compiled", "onnxruntime", "opencv")
+TORCH_ENGINES = ("eager", "fused", "compiled", "winograd")
+ENGINES = TORCH_ENGINES + ("onnxruntime", "opencv")
 
 
 # ------------------------------------------------------------------------- synthetic weights
@@ -117,7 +119,7 @@ class Engine:
 
     def __init__(self, kind, cfg, weights, size, detector, opts):
         self.kind = kind
-        if kind in ("eager", "fused", "compiled"):
+        if kind in TORCH_ENGINES:
             import torch
             import darknet_cfg
             from darknet_cfg.runtime import keep_freed_memory
@@ -125,13 +127,13 @@ class Engine:
             model = darknet_cfg.load(cfg, weights)
             if kind != "eager":
                 model.fuse()
-            if kind == "compiled":
+            if kind in ("compiled", "winograd"):
                 model.compile_activations()
             cl = opts.get("channels_last", kind != "eager")  # as Detector does on CPU
             if cl:
                 model.to(memory_format=torch.channels_last)
             if opts.get("prepack", kind != "eager"):
-                model.prepack()
+                model.prepack(winograd=opts.get("winograd", kind == "winograd"))
             self.model, self.cl = model, cl
             self.no_grad = opts.get("no_grad", False)
         elif kind == "onnxruntime":
@@ -161,7 +163,7 @@ class Engine:
         self.det = detector
 
     def forward(self, x):
-        if self.kind in ("eager", "fused", "compiled"):
+        if self.kind in TORCH_ENGINES:
             import torch
             from darknet_cfg.infer import forward_micro_batches
             t = torch.from_numpy(x)
@@ -259,7 +261,7 @@ def peak_memory(name, size, engine, tmp) -> float:
 
 def _mem_child(name, size, engine, tmp):
     import cv2
-    if engine in ("eager", "fused", "compiled"):
+    if engine in TORCH_ENGINES:
         import torch
         torch.set_num_threads(THREADS)
     eng = Engine(engine, _cfg_at_size(name, size, tmp), tmp / f"{name}-{size}.weights", size,
@@ -343,6 +345,7 @@ def levers(args, tmp):
         "fused-nchw": {"kind": "fused", "channels_last": False, "prepack": False},
         "fused-unpacked": {"kind": "fused", "prepack": False},
         "fused+no_grad": {"kind": "fused", "no_grad": True}, "fused": {},
+        "fused+winograd": {"kind": "fused", "winograd": True}, "winograd": {},
         "ort-basic": {"kind": "onnxruntime", "ort_level": "basic"},
         "ort-extended": {"kind": "onnxruntime", "ort_level": "extended"},
         "ort-all": {"kind": "onnxruntime", "ort_level": "all"}, "opencv": {},

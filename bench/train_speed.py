@@ -31,6 +31,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--torch-bn", action="store_true", help="PyTorch's BN instead of darknet's")
     ap.add_argument("--nchw", action="store_true", help="NCHW instead of the default channels_last")
+    ap.add_argument("--winograd", action="store_true",
+                    help="wide 3x3 convolutions by Winograd (train --winograd)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from cpu_peak import fma_peak
@@ -56,7 +58,7 @@ def main():
 
     tr = Trainer(TrainOptions(data=data, cfg=cfg, workers=args.workers, threads=args.threads,
                               progress=False, darknet_bn=not args.torch_bn,
-                              channels_last=not args.nchw,
+                              channels_last=not args.nchw, winograd=args.winograd,
                               backup=os.path.join(args.out, "backup"), log=lambda m: None))
     model, hl = tr.model, tr.head_loss
     it = iter(tr.loader())
@@ -92,7 +94,8 @@ def main():
     wall = time.perf_counter() - t_start
     ips = 64 * args.iterations / wall
     print(f"\nyolov4-tiny 224x224, batch 64, {args.threads} threads, {tr.workers} workers, "
-          f"{'torch' if args.torch_bn else 'darknet'} BN, {'NCHW' if args.nchw else 'channels_last'}: "
+          f"{'torch' if args.torch_bn else 'darknet'} BN, {'NCHW' if args.nchw else 'channels_last'}"
+          f"{', Winograd' if args.winograd else ''}: "
           f"{ips:.1f} images/s "
           f"({wall / args.iterations:.2f} s per iteration; darknet CPU ~4.4 images/s, target 22)")
     for k, v in phases.items():

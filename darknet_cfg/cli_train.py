@@ -33,9 +33,12 @@ def register(group: click.Group) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--torch-bn", is_flag=True, help="train-mode batch-norm with PyTorch's biased variance "
               "instead of darknet's unbiased one")
+@click.option("--winograd", is_flag=True,
+              help="CPU: wide 3x3 convolutions and their gradients by Winograd (faster; float "
+                   "rounding differs from oneDNN's at ~1e-5 relative)")
 @_friendly
 def train(data, cfg, weights, calc_map, map_every, clear, device, workers, max_batches, threads,
-          backup, seed, torch_bn):
+          backup, seed, torch_bn, winograd):
     """Train CFG on the Darknet-format DATA (obj.data), like `darknet detector train`.
 
     WEIGHTS: start from these .weights (a `_last.weights` resumes at its iteration; a
@@ -46,7 +49,8 @@ def train(data, cfg, weights, calc_map, map_every, clear, device, workers, max_b
     t = Trainer(TrainOptions(data=data, cfg=cfg, weights=weights, clear=clear, device=device,
                              workers=workers, max_batches=max_batches, calc_map=calc_map,
                              map_every=map_every, backup=backup, seed=seed, threads=threads,
-                             darknet_bn=not torch_bn, log=lambda m: click.echo(m, err=True)))
+                             darknet_bn=not torch_bn, winograd=winograd,
+                             log=lambda m: click.echo(m, err=True)))
     click.echo(f"training {cfg}: iteration {t.iteration} -> {t.max_batches}, {t.B} images per "
                f"iteration ({t.sub} x {t.mini}), backup {t.backup}", err=True)
     res = t.run()

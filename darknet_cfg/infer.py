@@ -71,6 +71,9 @@ class Detector:
     ``prepack`` (default on CPU: ``model.prepack()``, weights packed once, activation fused),
     ``dtype`` (float32 default), ``micro_batch`` (default on CPU: 1, image by image, because a
     batch's activations overflow the CPU caches: 1.1-1.4x faster per image here; GPU: the batch).
+    ``winograd=True`` (opt-in, CPU) runs wide 3x3 convolutions by Winograd (layers/winograd.py):
+    yolov4-class models ~1.15x faster; outputs within the oracle tolerance (1e-4), but a class
+    probability within ~1e-5 of ``thresh`` can fall on the other side of it.
     On CPU it also calls ``runtime.keep_freed_memory()`` (glibc malloc keeps freed activation
     memory for the next forward: 5-10% faster; ``DARKNET_CFG_MALLOC=0`` turns it off).
     """
@@ -78,7 +81,7 @@ class Detector:
     def __init__(self, model, thresh: float = 0.25, nms: float = 0.45,
                  letter_box: Optional[bool] = None, device=None, channels_last: Optional[bool] = None,
                  dtype: Optional[torch.dtype] = None, prepack: Optional[bool] = None,
-                 micro_batch: Optional[int] = None):
+                 micro_batch: Optional[int] = None, winograd: bool = False):
         specs = model.heads
         if not specs:
             raise DarknetError(f"{os.path.basename(model.graph.path)}: no [yolo], "
@@ -104,7 +107,7 @@ class Detector:
         if prepack is None:
             prepack = self.device.type == "cpu" and self.dtype == torch.float32
         if prepack:
-            self.model.prepack()
+            self.model.prepack(winograd=winograd)
         if self.device.type == "cpu":
             keep_freed_memory()  # no page faults for activations on every forward (runtime.py)
         if micro_batch is None:

@@ -108,17 +108,35 @@ class DarknetModel(nn.Module):
                 m.fuse()
         return self
 
-    def prepack(self, enabled: bool = True) -> "DarknetModel":
+    def prepack(self, enabled: bool = True, winograd: bool = False) -> "DarknetModel":
         """CPU inference: run folded convolutions through oneDNN with weights packed once and
-        the activation fused (layers/onednn.py; 1.1-1.2x faster here, same numbers). Applies to
-        no-grad forwards after ``fuse()``; training, export and GPUs are unaffected."""
+        the activation fused (layers/onednn.py; 1.1-1.2x faster here, same numbers).
+        ``winograd=True`` also runs wide 3x3 stride-1 convolutions by Winograd where that is
+        faster (layers/winograd.py; yolov4-class models ~1.15x faster, outputs still within the
+        oracle tolerance but with different float rounding, so a probability within ~1e-5 of a
+        threshold can land on the other side). Applies to no-grad forwards after ``fuse()``;
+        training, export and GPUs are unaffected."""
         from .layers import onednn
+        from .layers import winograd as wino
         from .layers.conv import ConvBnAct
         for m in self.modules():
             if isinstance(m, ConvBnAct):
                 m.prepacked = bool(enabled) and onednn.available()
+                m.winograd = m.prepacked and bool(winograd)
                 if hasattr(m, "conv"):
                     onednn.forget(m.conv)
+                    wino.forget(m.conv)
+        return self
+
+    def winograd_training(self, enabled: bool = True) -> "DarknetModel":
+        """CPU training: wide 3x3 stride-1 convolutions compute their forward, input gradient and
+        weight gradient by Winograd (layers/winograd.py) where that is faster than oneDNN
+        (yolov4-tiny@224 batch 64: see bench/train_speed.py --winograd). Same function, float
+        rounding of a different order (gradients agree with torch's to ~1e-5 relative)."""
+        from .layers.conv import ConvBnAct
+        for m in self.modules():
+            if isinstance(m, ConvBnAct):
+                m.winograd_train = bool(enabled)
         return self
 
     def compile_activations(self, enabled: bool = True) -> "DarknetModel":

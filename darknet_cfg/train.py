@@ -440,6 +440,7 @@ class TrainOptions:
     threads: Optional[int] = None
     darknet_bn: bool = True
     channels_last: Optional[bool] = None  # None: on for CPU (oneDNN's NHWC kernels are faster)
+    winograd: bool = False  # CPU: wide 3x3 convolutions (and their gradients) by Winograd
     augment: bool = True
     log: Optional[object] = None          # callable(str) for messages; default: print to stderr
     on_iteration: Optional[object] = None  # callable(trainer, info dict) after each iteration
@@ -497,6 +498,8 @@ class Trainer:
         self.memory_format = torch.channels_last if cl else torch.contiguous_format
         if cl:
             self.model.to(memory_format=torch.channels_last)
+        if o.winograd and self.device.type == "cpu":
+            self.model.winograd_training()
         self.opt = make_optimizer(self.model, self.settings)
         # data
         if not self.data.train:

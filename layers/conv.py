@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import onednn
+from . import onednn, winograd
 from .activations import Activation, eager_inference
 
 BN_EPS = 1e-5  # darknet's batch-norm epsilon (OpenCV's importer uses 1e-6)
@@ -57,6 +57,8 @@ class ConvBnAct(nn.Module):
         self.dontloadscales = bool(dontloadscales)
         self._shared: Optional[List["ConvBnAct"]] = None
         self.prepacked = False  # set by DarknetModel.prepack() (CPU inference only)
+        self.winograd = False   # likewise: 3x3 stride-1 convolutions by Winograd where it pays
+        self.winograd_train = False  # set by DarknetModel.winograd_training() (CPU training)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -90,17 +92,35 @@ class ConvBnAct(nn.Module):
         src = self.source
         if self.prepacked and src.bn is None and not self.binary and x.device.type == "cpu" \
                 and eager_inference():
+            act = self.act.name
+            if self.winograd and x.dtype == torch.float32 and winograd.applies(src.conv):
+                m = winograd.tile_for(x.shape[1], src.conv.out_channels, x.shape[2], x.shape[3])
+                if m:
+                    y = winograd.conv3x3(src.conv, x, m, leaky=act == "leaky")
+                    return y if act in ("leaky", "linear") else self.act.forward_owned(y)
             y = onednn.packed_conv(src.conv, self.act.name, x)
             if y is not None:
                 return y if self.act.name in onednn.FUSED_ACTIVATIONS else self.act.forward_owned(y)
         if self.xnor:
             x = torch.where(x > 0, torch.ones_like(x), -torch.ones_like(x))
         conv = src.conv
-        x = F.conv2d(x, self.effective_weight(), conv.bias, conv.stride, conv.padding,
-                     conv.dilation, conv.groups)
+        m = self._train_tile(x, conv) if self.winograd_train else 0
+        if m:
+            x = winograd.conv3x3_train(x, self.effective_weight(), conv.bias, m)
+        else:
+            x = F.conv2d(x, self.effective_weight(), conv.bias, conv.stride, conv.padding,
+                         conv.dilation, conv.groups)
         if src.bn is not None:
             x = src.bn(x)
         return self.act.forward_owned(x)
+
+    @staticmethod
+    def _train_tile(x: Tensor, conv: nn.Conv2d) -> int:
+        if not (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+                and winograd.applies(conv)):
+            return 0
+        return winograd.tile_for(x.shape[1], conv.out_channels, x.shape[2], x.shape[3],
+                                 training=True, batch=x.shape[0])
 
     def darknet_tensors(self) -> TensorList:
         if self._shared:

@@ -207,6 +207,26 @@ def test_cli_letter_box_and_size_options(tiny, tmp_path):
     assert a != b and a != c
 
 
+def test_cli_winograd_flag(tiny, tmp_path, monkeypatch):
+    """--winograd reaches the Detector (and through it the model's prepack)."""
+    from darknet_cfg import infer
+    seen = []
+    real = infer.Detector.__init__
+
+    def spy(self, *a, **kw):
+        seen.append(kw.get("winograd"))
+        real(self, *a, **kw)
+    monkeypatch.setattr(infer.Detector, "__init__", spy)
+    cfg, weights = tiny
+    img = _image(tmp_path / "x.png")
+    js = [tmp_path / f"{k}.json" for k in range(2)]
+    assert _run("detect", cfg, weights, img, "--json", js[0]).exit_code == 0
+    assert _run("detect", cfg, weights, img, "--json", js[1], "--winograd").exit_code == 0
+    assert seen == [False, True]
+    a, b = (json.loads(p.read_text())[0]["objects"] for p in js)
+    assert len(a) == len(b) and [o["class_id"] for o in a] == [o["class_id"] for o in b]
+
+
 def test_not_a_detector(tmp_path):
     from darknet_cfg import DarknetError
     cfg = tmp_path / "c.cfg"

@@ -1,4 +1,5 @@
 """The trainer end to end on a tiny synthetic dataset (CPU, a few iterations each)."""
+import math
 import os
 import re
 
@@ -180,7 +181,7 @@ def test_cli_synth_train_map(tmp_path):
     text = open(cfg).read().replace("classes=3", "classes=2").replace("filters=24", "filters=21")
     open(cfg, "w").write(text)
     r = CliRunner().invoke(main, ["train", data, cfg, "--max-batches", "2", "--workers", "0",
-                                  "--map", "--map-every", "1"])
+                                  "--map", "--map-every", "1", "--winograd"])
     assert r.exit_code == 0, r.output
     assert "mini_final.weights" in r.output
     backup = tmp_path / "ds" / "backup"
@@ -222,3 +223,14 @@ def test_auto_workers_leave_the_training_cores_alone(dataset, tmp_path, monkeypa
     assert tr.workers == 3
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(threads + 9)), raising=False)
     assert tr.workers == 4
+
+
+def test_winograd_option_trains(dataset, tmp_path):
+    """TrainOptions(winograd=True) / train --winograd: the convolutions switch to Winograd
+    training; a short run trains and its loss stays finite."""
+    from darknet_cfg.layers.conv import ConvBnAct
+    tr = Trainer(_opts(dataset, _cfg(tmp_path, max_batches=2), tmp_path, winograd=True))
+    assert all(m.winograd_train for m in tr.model.modules() if isinstance(m, ConvBnAct))
+    res = tr.run()
+    assert res["iteration"] == 2
+    assert all(math.isfinite(h["loss"]) for h in tr.o.history)
