@@ -7,7 +7,8 @@ Uses darknet's yolov4-tiny.cfg (from ../shared/darknet-cfg or --cfg) with batch=
 subdivisions=1, width=height=224 and max_batches set for the run; data: a synthetic dataset
 (256x256 JPEGs, resized/augmented to 224 by the loader). Prints images/s and where the time goes
 (waiting for data, forward, loss, backward, optimizer step). The model trains channels_last as
-the Trainer does on CPU (--nchw for the NCHW comparison). Darknet's CPU build: 13-16 s per
+the Trainer does on CPU (--nchw for the NCHW comparison), with Winograd 3x3 convolutions as the
+Trainer's CPU default (--no-winograd: oneDNN's direct ones). Darknet's CPU build: 13-16 s per
 64-image iteration (about 4.4 images/s); target >= 22 images/s.
 """
 import argparse
@@ -31,8 +32,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--torch-bn", action="store_true", help="PyTorch's BN instead of darknet's")
     ap.add_argument("--nchw", action="store_true", help="NCHW instead of the default channels_last")
-    ap.add_argument("--winograd", action="store_true",
-                    help="wide 3x3 convolutions by Winograd (train --winograd)")
+    ap.add_argument("--no-winograd", action="store_true",
+                    help="oneDNN's direct 3x3 convolutions (train --no-winograd) instead of the "
+                         "default Winograd ones")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from cpu_peak import fma_peak
@@ -58,7 +60,7 @@ def main():
 
     tr = Trainer(TrainOptions(data=data, cfg=cfg, workers=args.workers, threads=args.threads,
                               progress=False, darknet_bn=not args.torch_bn,
-                              channels_last=not args.nchw, winograd=args.winograd,
+                              channels_last=not args.nchw, winograd=not args.no_winograd,
                               backup=os.path.join(args.out, "backup"), log=lambda m: None))
     model, hl = tr.model, tr.head_loss
     it = iter(tr.loader())
@@ -95,7 +97,7 @@ def main():
     ips = 64 * args.iterations / wall
     print(f"\nyolov4-tiny 224x224, batch 64, {args.threads} threads, {tr.workers} workers, "
           f"{'torch' if args.torch_bn else 'darknet'} BN, {'NCHW' if args.nchw else 'channels_last'}"
-          f"{', Winograd' if args.winograd else ''}: "
+          f"{', direct 3x3 convolutions' if args.no_winograd else ', Winograd'}: "
           f"{ips:.1f} images/s "
           f"({wall / args.iterations:.2f} s per iteration; darknet CPU ~4.4 images/s, target 22)")
     for k, v in phases.items():

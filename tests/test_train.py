@@ -181,7 +181,7 @@ def test_cli_synth_train_map(tmp_path):
     text = open(cfg).read().replace("classes=3", "classes=2").replace("filters=24", "filters=21")
     open(cfg, "w").write(text)
     r = CliRunner().invoke(main, ["train", data, cfg, "--max-batches", "2", "--workers", "0",
-                                  "--map", "--map-every", "1", "--winograd"])
+                                  "--map", "--map-every", "1", "--no-winograd"])
     assert r.exit_code == 0, r.output
     assert "mini_final.weights" in r.output
     backup = tmp_path / "ds" / "backup"
@@ -225,12 +225,14 @@ def test_auto_workers_leave_the_training_cores_alone(dataset, tmp_path, monkeypa
     assert tr.workers == 4
 
 
-def test_winograd_option_trains(dataset, tmp_path):
-    """TrainOptions(winograd=True) / train --winograd: the convolutions switch to Winograd
-    training; a short run trains and its loss stays finite."""
+def test_winograd_training_is_the_cpu_default(dataset, tmp_path):
+    """On CPU the convolutions train by Winograd unless TrainOptions(winograd=False) /
+    train --no-winograd; a short run trains and its loss stays finite."""
     from darknet_cfg.layers.conv import ConvBnAct
-    tr = Trainer(_opts(dataset, _cfg(tmp_path, max_batches=2), tmp_path, winograd=True))
+    tr = Trainer(_opts(dataset, _cfg(tmp_path, max_batches=2), tmp_path))
     assert all(m.winograd_train for m in tr.model.modules() if isinstance(m, ConvBnAct))
     res = tr.run()
     assert res["iteration"] == 2
     assert all(math.isfinite(h["loss"]) for h in tr.o.history)
+    off = Trainer(_opts(dataset, _cfg(tmp_path, max_batches=2), tmp_path, winograd=False))
+    assert not any(m.winograd_train for m in off.model.modules() if isinstance(m, ConvBnAct))
