@@ -117,8 +117,9 @@ class ConvBnAct(nn.Module):
     @staticmethod
     def _train_tile(x: Tensor, conv: nn.Conv2d) -> int:
         if not (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-                and winograd.applies(conv)):
-            return 0
+                and winograd.applies(conv)) or torch.compiler.is_compiling() \
+                or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return 0  # export and compiled graphs keep the plain convolution
         return winograd.tile_for(x.shape[1], conv.out_channels, x.shape[2], x.shape[3],
                                  training=True, batch=x.shape[0])
 
