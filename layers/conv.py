@@ -98,9 +98,9 @@ class ConvBnAct(nn.Module):
                 if m:
                     y = winograd.conv3x3(src.conv, x, m, leaky=act == "leaky")
                     return y if act in ("leaky", "linear") else self.act.forward_owned(y)
-            y = onednn.packed_conv(src.conv, self.act.name, x)
+            y = onednn.packed_conv(src.conv, act, x)
             if y is not None:
-                return y if self.act.name in onednn.FUSED_ACTIVATIONS else self.act.forward_owned(y)
+                return y if act in onednn.FUSED_ACTIVATIONS else self.act.forward_owned(y)
         if self.xnor:
             x = torch.where(x > 0, torch.ones_like(x), -torch.ones_like(x))
         conv = src.conv
