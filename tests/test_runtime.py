@@ -15,7 +15,7 @@ CHILD = textwrap.dedent("""
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.empty(8 << 20).fill_(1)                # 32 MiB, freed at once
     f0 = faults()
-    for _ in range(5):
+    for _ in range(20):
         torch.empty(8 << 20).fill_(1)
     print(ok, faults() - f0)
 """)
@@ -38,6 +38,7 @@ def test_keep_freed_memory_reuses_blocks_and_can_be_turned_off():
         pytest.skip("not glibc: nothing to tune")
     ok_off, faults_off = _run("0")
     assert ok_off is False
-    # glibc maps and unmaps each 32 MiB block: 5 x 8,192 page faults (measured 40,965); kept in
-    # the heap, the blocks are reused (measured 8,192: one heap growth)
-    assert faults * 3 < faults_off
+    # glibc maps and unmaps each 32 MiB block: 20 x 8,192 page faults; kept in the heap, the
+    # blocks are reused: a heap growth or two (measured 8,192 and, once, 16,384), however many
+    # blocks follow
+    assert faults <= 3 * 8192 < 15 * 8192 <= faults_off
