@@ -22,7 +22,7 @@ on the other side, which is why inference keeps the direct convolution unless as
 from __future__ import annotations
 
 import weakref
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,7 @@ class _Transforms:
 
     def __init__(self, m: int):
         bt, g, at = _matrices(m)
-        self.m, self.a = m, m + 2
+        self.a = m + 2
         self.g = g
         self.bt2 = torch.kron(bt, bt).float()        # (a^2, a^2): tile -> B^T d B
         self.at2 = torch.kron(at, at).float()        # (m^2, a^2): A^T M A -> output tile
@@ -84,7 +84,6 @@ class _Plan:
     def __init__(self, weight: Tensor, bias: Optional[Tensor], m: int):
         self.u = transform_weight(weight.detach(), m)
         self.bias = None if bias is None else bias.detach().float()
-        self.m = m
 
 
 def tile_for(c_in: int, c_out: int, h: int, w: int, training: bool = False,
@@ -144,18 +143,18 @@ def conv3x3(conv, x: Tensor, m: int, leaky: bool = False) -> Tensor:
     return _forward(x, p.u, p.bias, m, leaky)
 
 
-def _padded_nhwc(x: Tensor, m: int) -> Tensor:
-    """x as NHWC with zero padding 1 on top/left and enough on bottom/right for whole tiles
-    (one copy: only the border is zeroed, where F.pad would fill everything first)."""
+def _padded_nhwc(x: Tensor, m: int) -> Tuple[Tensor, int, int]:
+    """(x as NHWC with zero padding 1 on top/left and enough on bottom/right for whole tiles,
+    tile rows, tile columns). One copy: only the border is zeroed (F.pad fills everything)."""
     n, c, h, w = x.shape
-    hp, wp = m * -(-h // m) + 2, m * -(-w // m) + 2
-    xp = x.new_empty((n, hp, wp, c))
+    th, tw = -(-h // m), -(-w // m)
+    xp = x.new_empty((n, m * th + 2, m * tw + 2, c))
     xp[:, 1:h + 1, 1:w + 1].copy_(x.permute(0, 2, 3, 1))
     xp[:, 0].zero_()
     xp[:, h + 1:].zero_()
     xp[:, 1:h + 1, 0].zero_()
     xp[:, 1:h + 1, w + 1:].zero_()
-    return xp
+    return xp, th, tw
 
 
 def _bands(n: int, th: int, tw: int, a: int, widest: int):
@@ -178,8 +177,7 @@ def _forward(x: Tensor, u: Tensor, bias: Optional[Tensor], m: int, leaky: bool) 
     a = t.a
     n, c, h, w = x.shape
     k = u.shape[2]
-    th, tw = -(-h // m), -(-w // m)
-    xp = _padded_nhwc(x, m)
+    xp, th, tw = _padded_nhwc(x, m)
     out = torch.empty((n, h, w, k), dtype=x.dtype)
     for r0, r1 in _bands(n, th, tw, a, max(c, k)):
         prod = torch.bmm(_input_tiles(xp, m, r0, r1), u)                # (a^2, tiles, K)
@@ -209,8 +207,7 @@ def _weight_grad(x: Tensor, dy: Tensor, m: int) -> Tensor:
     a = t.a
     n, c, h, w = x.shape
     k = dy.shape[1]
-    th, tw = -(-h // m), -(-w // m)
-    xp = _padded_nhwc(x, m)
+    xp, th, tw = _padded_nhwc(x, m)
     # dY as whole m x m tiles (zero beyond the map): (n, th, m, tw, m, K)
     dyp = F.pad(dy.permute(0, 2, 3, 1), (0, 0, 0, m * tw - w, 0, m * th - h))
     dyt = dyp.view(n, th, m, tw, m, k)
