@@ -1,4 +1,15 @@
-from setuptools import setup
+import platform
+import sys
+
+from setuptools import Extension, setup
+
+# Winograd transforms in C (layers/_winograd.c, AVX2/FMA, loaded with ctypes; optional: without a
+# compiler, or off x86-64, layers/winograd.py computes them with torch operators instead)
+EXT = []
+if platform.machine().lower() in ("x86_64", "amd64") and sys.platform.startswith("linux"):
+    EXT.append(Extension("darknet_cfg.layers._winograd", sources=["layers/_winograd.c"],
+                         extra_compile_args=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                         extra_link_args=["-fopenmp"], optional=True))
 
 setup(
     name="darknet_cfg",
@@ -13,6 +24,7 @@ setup(
         "darknet_cfg.cfg": "cfg",
     },
     package_data={"darknet_cfg.cfg": ["*.cfg"]},
+    ext_modules=EXT,
     install_requires=["numpy>=1.22", "torch>=2.1", "click>=8.0", "tqdm>=4.60"],
     extras_require={
         "test": ["pytest>=7"],

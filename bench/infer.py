@@ -9,10 +9,12 @@ calibrated so that ~3% of the cells pass the 0.25 objectness threshold, saved as
 dog.png, with 2 threads. Engines are interleaved round by round; figures are medians over
 ``--runs`` rounds, per image (batch time / batch). Forward, decode (get_network_boxes; OpenCV:
 reading its decoded rows) and NMS (Darknet's; OpenCV: cv2.dnn.NMSBoxes per class) are timed
-separately. "fused" is what ``Detector`` runs on CPU: BN folded, channels_last, prepacked oneDNN
-convolutions (``model.prepack()``), in-place one-exp mish, a batch run image by image;
-"compiled" adds ``model.compile_activations()`` (detect --compile); "winograd" adds Winograd 3x3
-convolutions to that (detect --compile --winograd; opt-in). The process runs with
+separately. "fused" is what ``Detector`` runs on CPU by default: BN folded, channels_last,
+prepacked oneDNN convolutions (``model.prepack()``), in-place one-exp mish, a batch run image
+by image; "compiled" adds ``model.compile_activations()`` (detect --compile); "winograd" adds
+Winograd 3x3 convolutions to that (detect --compile --winograd; opt-in). ``--levers`` adds
+"fused+winograd" (detect --winograd, without --compile) and "fused+winograd2" (F(2x2) tiles
+only, ``Detector(winograd=2)``). The process runs with
 ``runtime.keep_freed_memory()`` as Detector sets it (process-wide, so every engine has it).
 Peak memory: each engine alone in a fresh process (peak RSS after loading and 3 batch-1
 inferences). Ratios are to OpenCV DNN measured in the same run. The CPU's measured FMA peak
@@ -133,7 +135,7 @@ class Engine:
             if cl:
                 model.to(memory_format=torch.channels_last)
             if opts.get("prepack", kind != "eager"):
-                model.prepack(winograd=opts.get("winograd", kind == "winograd"))
+                model.prepack(winograd=opts.get("winograd", 4 if kind == "winograd" else 0))
             self.model, self.cl = model, cl
             self.no_grad = opts.get("no_grad", False)
         elif kind == "onnxruntime":
@@ -344,8 +346,9 @@ def levers(args, tmp):
     variants = {
         "fused-nchw": {"kind": "fused", "channels_last": False, "prepack": False},
         "fused-unpacked": {"kind": "fused", "prepack": False},
-        "fused+no_grad": {"kind": "fused", "no_grad": True}, "fused": {},
-        "fused+winograd": {"kind": "fused", "winograd": True}, "winograd": {},
+        "fused+no_grad": {"kind": "fused", "no_grad": True},
+        "fused": {}, "fused+winograd2": {"kind": "fused", "winograd": 2},
+        "fused+winograd": {"kind": "fused", "winograd": 4}, "winograd": {},
         "ort-basic": {"kind": "onnxruntime", "ort_level": "basic"},
         "ort-extended": {"kind": "onnxruntime", "ort_level": "extended"},
         "ort-all": {"kind": "onnxruntime", "ort_level": "all"}, "opencv": {},

@@ -71,9 +71,14 @@ class Detector:
     ``prepack`` (default on CPU: ``model.prepack()``, weights packed once, activation fused),
     ``dtype`` (float32 default), ``micro_batch`` (default on CPU: 1, image by image, because a
     batch's activations overflow the CPU caches: 1.1-1.4x faster per image here; GPU: the batch).
-    ``winograd=True`` (opt-in, CPU) runs wide 3x3 convolutions by Winograd (layers/winograd.py):
-    yolov4-class models ~1.15x faster; outputs within the oracle tolerance (1e-4), but a class
-    probability within ~1e-5 of ``thresh`` can fall on the other side of it.
+    ``winograd`` (opt-in, CPU, with ``prepack``): 3x3 stride-1 convolutions by Winograd where
+    that is faster (layers/winograd.py). ``True`` (or 4): F(4x4) and F(2x2) tiles, yolov4-tiny
+    1.5x faster, yolov4-class models 1.25x; ``2``: F(2x2) tiles only (1.15-1.3x). Outputs stay
+    within the oracle tolerance (1e-4), but the float rounding differs from Darknet's direct
+    convolutions: a class probability within ~1e-5 of ``thresh`` can fall on the other side, and
+    box centres near an image edge differ by a few 1e-6 (F(2x2) is closer to exact arithmetic
+    than Darknet's float32 but farther from Darknet's own rounding), so the default keeps direct
+    convolutions.
     On CPU it also calls ``runtime.keep_freed_memory()`` (glibc malloc keeps freed activation
     memory for the next forward: 5-10% faster; ``DARKNET_CFG_MALLOC=0`` turns it off).
     """
@@ -81,7 +86,8 @@ class Detector:
     def __init__(self, model, thresh: float = 0.25, nms: float = 0.45,
                  letter_box: Optional[bool] = None, device=None, channels_last: Optional[bool] = None,
                  dtype: Optional[torch.dtype] = None, prepack: Optional[bool] = None,
-                 micro_batch: Optional[int] = None, winograd: bool = False):
+                 micro_batch: Optional[int] = None,
+                 winograd: Union[bool, int] = False):
         specs = model.heads
         if not specs:
             raise DarknetError(f"{os.path.basename(model.graph.path)}: no [yolo], "

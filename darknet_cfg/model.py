@@ -108,21 +108,22 @@ class DarknetModel(nn.Module):
                 m.fuse()
         return self
 
-    def prepack(self, enabled: bool = True, winograd: bool = False) -> "DarknetModel":
+    def prepack(self, enabled: bool = True, winograd: Union[bool, int] = False) -> "DarknetModel":
         """CPU inference: run folded convolutions through oneDNN with weights packed once and
         the activation fused (layers/onednn.py; 1.1-1.2x faster here, same numbers).
-        ``winograd=True`` also runs wide 3x3 stride-1 convolutions by Winograd where that is
-        faster (layers/winograd.py; yolov4-class models ~1.15x faster, outputs still within the
-        oracle tolerance but with different float rounding, so a probability within ~1e-5 of a
-        threshold can land on the other side). Applies to no-grad forwards after ``fuse()``;
-        training, export and GPUs are unaffected."""
+        ``winograd`` also runs 3x3 stride-1 convolutions by Winograd where that is faster
+        (layers/winograd.py): ``True`` or ``4`` F(4x4) and F(2x2) tiles, ``2`` F(2x2) tiles only,
+        ``False`` none. Outputs stay within the oracle tolerance but are rounded differently from
+        Darknet's direct convolutions, so a probability within ~1e-5 of a threshold can land on
+        the other side. Applies to
+        no-grad forwards after ``fuse()``; training, export and GPUs are unaffected."""
         from .layers import onednn
         from .layers import winograd as wino
         from .layers.conv import ConvBnAct
         for m in self.modules():
             if isinstance(m, ConvBnAct):
                 m.prepacked = bool(enabled) and onednn.available()
-                m.winograd = m.prepacked and bool(winograd)
+                m.winograd = (4 if winograd is True else int(winograd)) if m.prepacked else 0
                 if hasattr(m, "conv"):
                     onednn.forget(m.conv)
                     wino.forget(m.conv)

@@ -57,7 +57,7 @@ class ConvBnAct(nn.Module):
         self.dontloadscales = bool(dontloadscales)
         self._shared: Optional[List["ConvBnAct"]] = None
         self.prepacked = False  # set by DarknetModel.prepack() (CPU inference only)
-        self.winograd = False   # likewise: 3x3 stride-1 convolutions by Winograd where it pays
+        self.winograd = 0       # likewise: largest Winograd tile (2, 4) for 3x3 stride-1 convolutions
         self.winograd_train = False  # set by DarknetModel.winograd_training() (CPU training)
         self.reset_parameters()
 
@@ -94,7 +94,8 @@ class ConvBnAct(nn.Module):
                 and eager_inference():
             act = self.act.name
             if self.winograd and x.dtype == torch.float32 and winograd.applies(src.conv):
-                m = winograd.tile_for(x.shape[1], src.conv.out_channels, x.shape[2], x.shape[3])
+                m = winograd.tile_for(x.shape[1], src.conv.out_channels, x.shape[2], x.shape[3],
+                                      largest=self.winograd)
                 if m:
                     y = winograd.conv3x3(src.conv, x, m, leaky=act == "leaky")
                     return y if act in ("leaky", "linear") else self.act.forward_owned(y)

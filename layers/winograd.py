@@ -2,27 +2,37 @@
 
 A 3x3 convolution computed on m x m output tiles as Y = A^T [ (G g G^T) . (B^T d B) ] A
 (Lavin & Gray 2015): per tile, (m+2)^2 channel-mixing products instead of 9 m^2, so F(2x2,3x3)
-does 2.25x and F(4x4,3x3) 4x fewer multiply-adds than a direct convolution. Here the input and
-output transforms are small GEMMs with the Kronecker matrices B^T (x) B^T and A^T (x) A^T, and
-the channel mixing is one batched GEMM. Work runs in bands of tile rows so that a band's
-transformed tiles stay in cache.
+does 2.25x and F(4x4,3x3) 4x fewer multiply-adds than a direct convolution. The channel mixing
+is one batched GEMM (torch.bmm) per band of tile rows. The input and output transforms run in
+C (layers/_winograd.c, AVX2, built by setup.py: one pass over memory each, zero padding,
+bias and leaky ReLU fused) and otherwise as GEMMs with the Kronecker matrices B^T (x) B^T and
+A^T (x) A^T (slower: only wide layers gain then).
 
-- Inference (``conv3x3``, via ``DarknetModel.prepack(winograd=True)``): the weights are
-  transformed once, in double precision, and cached per layer.
+- Inference (``conv3x3``, via ``DarknetModel.prepack(winograd=2|4)``, ``Detector(winograd=...)``,
+  ``detect --winograd``; opt-in): the weights are transformed once, in double precision, and
+  cached per layer.
 - Training (``conv3x3_train``, via ``DarknetModel.winograd_training()``, the Trainer's CPU
   default): forward, input gradient (the same convolution with flipped, transposed filters) and
   weight gradient (a batched GEMM of transformed inputs and output gradients summed over every
   tile of the batch) by Winograd.
 
 Accuracy against float64 (tests/test_winograd.py, bench/winograd.py), as a fraction of the output's
-scale: F(2x2) 0.3-0.6e-6, less than oneDNN's direct float32 convolution (1-4e-6); F(4x4) 3-7e-6.
-Darknet's parity tests pass with both; a class probability within ~1e-5 of a threshold can fall
-on the other side, which is why inference keeps the direct convolution unless asked.
+scale: F(2x2) 0.3-0.6e-6, less than oneDNN's direct float32 convolution (1-4e-6); F(4x4) 2-7e-6.
+Outputs stay within the oracle tolerance, but inference keeps Darknet's direct convolutions by
+default because the rounding differs from Darknet's: a class probability within ~1e-5 of a
+threshold can fall on the other side (yolov4-csp's oracle has one 4.6e-6 under it, flipped by
+F(4x4)), and with F(2x2) a box centre near the edge of yolov4-csp-swish's image lies 3.1e-6 from
+Darknet's, more than the parity tests allow there (1.8e-6), although a float64 forward lies
+2.2e-6 from it too: F(2x2) is closer to exact arithmetic, the direct path closer to Darknet's
+own float32 rounding (1.4e-6).
 """
 from __future__ import annotations
 
+import ctypes
+import importlib.machinery
 import weakref
-from typing import Optional, Tuple
+from pathlib import Path
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -69,13 +79,43 @@ class _Transforms:
 _TRANSFORMS = {m: _Transforms(m) for m in (2, 4)}
 
 
+def _load_kernels():
+    """The compiled transforms (layers/_winograd.c, built by setup.py when a C compiler is
+    there), or None: not built, or a CPU without AVX2/FMA."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = Path(__file__).with_name("_winograd" + suffix)
+        if path.is_file():
+            lib = ctypes.CDLL(str(path))   # after torch: its OpenMP runtime is the one used
+            p, i = ctypes.c_void_p, ctypes.c_int
+            lib.wino_input.argtypes = [p, ctypes.c_long, i, i, i, i, i, i, i, i, p, i]
+            lib.wino_output.argtypes = [p, i, i, i, i, i, i, i, i, p, ctypes.c_float, i, p, i]
+            lib.wino_grad_tiles.argtypes = [p, ctypes.c_long, i, i, i, i, i, i, i, i, p, i]
+            return lib
+    return None
+
+
+_LIB = _load_kernels()   # tests set this to None to check the torch fallback
+
+
+def _compiled(c: int, k: int, x: Tensor) -> bool:
+    """Whether the compiled transforms take this convolution (8-channel vectors)."""
+    return _LIB is not None and c % 8 == 0 and k % 8 == 0 and x.dtype == torch.float32
+
+
 def transform_weight(weight: Tensor, m: int, dtype=torch.float64) -> Tensor:
-    """G g G^T of every 3x3 filter, as (a^2, C_in, C_out) float32 (computed in ``dtype``)."""
+    """G g G^T of every 3x3 filter, as (a^2, C_in, C_out) float32 (computed in ``dtype``): one
+    GEMM with the Kronecker matrix G (x) G, in chunks of columns that stay in cache."""
     t = _TRANSFORMS[m]
-    g = t.g.to(dtype)
+    gg = torch.kron(t.g, t.g).to(dtype)                                  # (a^2, 9)
     k, c = weight.shape[:2]
-    u = torch.einsum("xi,kcij,yj->xykc", g, weight.to(dtype), g)
-    return u.reshape(t.a * t.a, k, c).transpose(1, 2).float().contiguous()
+    w = weight.detach().permute(2, 3, 1, 0).reshape(9, c * k)           # (3x3, C_in*C_out)
+    out = torch.empty(t.a * t.a, c * k, dtype=torch.float32)
+    step = 1 << 14
+    for s in range(0, c * k, step):
+        out[:, s:s + step] = gg @ w[:, s:s + step].to(dtype)
+    return out.view(t.a * t.a, c, k)
 
 
 class _Plan:
@@ -87,26 +127,42 @@ class _Plan:
 
 
 def tile_for(c_in: int, c_out: int, h: int, w: int, training: bool = False,
-             batch: int = 1) -> int:
-    """Winograd tile size (2 or 4) worth using for a 3x3 stride-1 convolution, or 0 (direct).
+             batch: int = 1, largest: int = 4) -> int:
+    """Winograd tile size (2 or 4, at most ``largest``) worth using for a 3x3 stride-1
+    convolution, or 0 (direct).
 
-    Measured here (2 threads, bench/winograd.py) against oneDNN's direct convolution. Inference
-    (batch 1, prepacked weights): the batched GEMM needs many channels to outweigh the transforms
-    (thin layers, c_in*c_out/(c_in+c_out) < 64, lose at every size); F(4x4) wins from 16x16 up
-    (1.2-1.6x on wide layers), F(2x2) on 13x13 maps (whose 4x4 tiles would waste 34%) with >= 512
-    channels. Training (forward + both gradients, ``batch`` x h x w >= 3000 pixels): oneDNN's
-    weight gradient is slow, so F(4x4) wins from 24x24 (128 channels at 28: 1.5x) and F(2x2)
-    below, down to 7x7 (1.05-1.6x)."""
+    Measured here (2 threads, bench/winograd.py) against oneDNN's prepacked direct convolution.
+    ``hm`` = c_in*c_out/(c_in+c_out) measures how much channel mixing the batched GEMM gets.
+
+    - Inference with the compiled transforms (channels multiples of 8): F(4x4) from 16x16 maps
+      on hm >= 16 (1.2-2.6x; thin layers too, 32 channels at 104: 1.6x); F(2x2) on smaller maps
+      with hm >= 128 and >= 10x10 (1.1-1.5x; 4x4 tiles would waste 34% of a 13x13 map).
+      With ``largest=2``: F(2x2) where it wins (1.3-1.9x on hm >= 32 from 48x48, on hm >= 64
+      from 20x20).
+    - Inference with the torch transforms: they cost more, so only wide layers pay: F(4x4) from
+      16x16 (1.2-1.6x), F(2x2) on 13x13 maps with >= 512 channels.
+    - Training (forward + both gradients, ``batch`` x h x w >= 3000 pixels): oneDNN's weight
+      gradient is slow, so F(4x4) wins from 24x24 (128 channels at 28: 1.5x) and F(2x2) below,
+      down to 7x7 (1.05-1.6x)."""
     hm = c_in * c_out / (c_in + c_out)
-    if hm < 64:
-        return 0
-    if training and batch * h * w >= 3000:
-        return 4 if min(h, w) >= 24 else 2 if h * w >= 36 else 0
-    if hm < 85 and h * w < 48 * 48:
-        return 0
-    if min(h, w) >= 16:
-        return 4
-    return 2 if h * w >= 144 and c_in * c_out >= 512 * 512 else 0
+    if training:
+        if hm < 64 or batch * h * w < 3000:
+            return 0
+        m = 4 if min(h, w) >= 24 else 2 if h * w >= 36 else 0
+    elif _LIB is not None and c_in % 8 == 0 and c_out % 8 == 0:
+        if largest >= 4 and hm >= 16 and min(h, w) >= 16:
+            m = 4
+        elif largest >= 4:
+            m = 2 if hm >= 128 and h * w >= 100 else 0
+        else:
+            m = 2 if (hm >= 32 and h * w >= 48 * 48) or (hm >= 64 and h * w >= 400) or \
+                (hm >= 128 and h * w >= 100) else 0
+    else:
+        if hm < 64 or (hm < 85 and h * w < 48 * 48):
+            return 0
+        m = 4 if min(h, w) >= 16 else \
+            2 if h * w >= 144 and c_in * c_out >= 512 * 512 else 0
+    return m if m <= largest else 0
 
 
 def applies(conv) -> bool:
@@ -163,13 +219,43 @@ def _bands(n: int, th: int, tw: int, a: int, widest: int):
     return [(r0, min(th, r0 + rows)) for r0 in range(0, th, rows)]
 
 
-def _input_tiles(xp: Tensor, m: int, r0: int, r1: int) -> Tensor:
-    """B^T d B of the tiles in tile rows [r0, r1): (a^2, tiles, C)."""
+def _nhwc_view(x: Tensor) -> Tensor:
+    """x (NCHW) whose memory is NHWC with channels contiguous and any pixel stride >= C (e.g. a
+    [route] group's channel slice of a channels_last tensor: no copy); else a channels_last
+    copy."""
+    n, c, h, w = x.shape
+    s = x.stride()
+    if s[1] == 1 and s[3] >= c and s[2] == w * s[3] and (n == 1 or s[0] == h * s[2]):
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _input_tiles(x: Tensor, m: int, compiled: bool
+                 ) -> Tuple[Callable[[int, int], Tensor], int, int]:
+    """(band -> B^T d B of the tiles in tile rows [r0, r1) as (a^2, tiles, C), tile rows, tile
+    columns) for NCHW x; tiles are ordered (image, tile row, tile column)."""
     t = _TRANSFORMS[m]
-    a, c = t.a, xp.shape[3]
-    tiles = xp[:, m * r0:m * r1 + 2].unfold(1, a, m).unfold(2, a, m)   # n, rows, tw, c, a, a
-    d = tiles.permute(4, 5, 0, 1, 2, 3).reshape(a * a, -1)
-    return torch.mm(t.bt2, d).view(a * a, -1, c)
+    a = t.a
+    n, c, h, w = x.shape
+    if compiled:
+        th, tw = -(-h // m), -(-w // m)
+        xc = _nhwc_view(x)
+        ldx = xc.stride(3)
+        threads = torch.get_num_threads()
+
+        def band(r0: int, r1: int) -> Tensor:
+            v = x.new_empty((a * a, n * (r1 - r0) * tw, c))
+            _LIB.wino_input(xc.data_ptr(), ldx, n, h, w, c, m, r0, r1, tw, v.data_ptr(),
+                            threads)
+            return v
+        return band, th, tw
+    xp, th, tw = _padded_nhwc(x, m)
+
+    def band(r0: int, r1: int) -> Tensor:
+        tiles = xp[:, m * r0:m * r1 + 2].unfold(1, a, m).unfold(2, a, m)  # n, rows, tw, c, a, a
+        d = tiles.permute(4, 5, 0, 1, 2, 3).reshape(a * a, -1)
+        return torch.mm(t.bt2, d).view(a * a, -1, c)
+    return band, th, tw
 
 
 def _forward(x: Tensor, u: Tensor, bias: Optional[Tensor], m: int, leaky: bool) -> Tensor:
@@ -177,10 +263,18 @@ def _forward(x: Tensor, u: Tensor, bias: Optional[Tensor], m: int, leaky: bool) 
     a = t.a
     n, c, h, w = x.shape
     k = u.shape[2]
-    xp, th, tw = _padded_nhwc(x, m)
+    compiled = _compiled(c, k, x)
+    tiles, th, tw = _input_tiles(x, m, compiled)
     out = torch.empty((n, h, w, k), dtype=x.dtype)
+    if compiled and bias is not None:
+        bias = bias.detach().float().contiguous()
     for r0, r1 in _bands(n, th, tw, a, max(c, k)):
-        prod = torch.bmm(_input_tiles(xp, m, r0, r1), u)                # (a^2, tiles, K)
+        prod = torch.bmm(tiles(r0, r1), u)                              # (a^2, tiles, K)
+        if compiled:   # A^T . A, bias and leaky ReLU straight into the output
+            _LIB.wino_output(prod.data_ptr(), n, h, w, k, m, r0, r1, tw,
+                             None if bias is None else bias.data_ptr(), 0.1, int(leaky),
+                             out.data_ptr(), torch.get_num_threads())
+            continue
         if bias is not None:
             prod[t.bias_row].add_(bias)
         y = torch.mm(t.at2, prod.view(a * a, -1)).view(m, m, n, r1 - r0, tw, k)  # A^T . A
@@ -207,19 +301,26 @@ def _weight_grad(x: Tensor, dy: Tensor, m: int) -> Tensor:
     a = t.a
     n, c, h, w = x.shape
     k = dy.shape[1]
-    xp, th, tw = _padded_nhwc(x, m)
-    # dY as whole m x m tiles (zero beyond the map): (n, th, m, tw, m, K)
-    dyp = F.pad(dy.permute(0, 2, 3, 1), (0, 0, 0, m * tw - w, 0, m * th - h))
-    dyt = dyp.view(n, th, m, tw, m, k)
+    compiled = _compiled(c, k, x)
+    tiles, th, tw = _input_tiles(x, m, compiled)
+    if compiled:
+        dyc = _nhwc_view(dy)
+        threads = torch.get_num_threads()
+    else:   # dY as whole m x m tiles (zero beyond the map): (n, th, m, tw, m, K)
+        dyp = F.pad(dy.permute(0, 2, 3, 1), (0, 0, 0, m * tw - w, 0, m * th - h))
+        dyt = dyp.view(n, th, m, tw, m, k)
     du = torch.zeros(a * a, c, k, dtype=x.dtype)
     for r0, r1 in _bands(n, th, tw, a, max(c, k)):
-        v = _input_tiles(xp, m, r0, r1)                                        # (a^2, P, C)
-        g = dyt[:, r0:r1].permute(2, 4, 0, 1, 3, 5).reshape(m * m, -1)          # (m^2, P*K)
-        dm = torch.mm(t.at2.t(), g).view(a * a, -1, k)                          # (a^2, P, K)
-        du.baddbmm_(v.transpose(1, 2), dm)
-    gm = t.g.float()
-    dw = torch.einsum("xi,xyck,yj->kcij", gm, du.view(a, a, c, k), gm)
-    return dw
+        if compiled:
+            dm = x.new_empty((a * a, n * (r1 - r0) * tw, k))                  # A dY A^T
+            _LIB.wino_grad_tiles(dyc.data_ptr(), dyc.stride(3), n, h, w, k, m, r0, r1, tw,
+                                 dm.data_ptr(), threads)
+        else:
+            g = dyt[:, r0:r1].permute(2, 4, 0, 1, 3, 5).reshape(m * m, -1)      # (m^2, P*K)
+            dm = torch.mm(t.at2.t(), g).view(a * a, -1, k)                      # (a^2, P, K)
+        du.baddbmm_(tiles(r0, r1).transpose(1, 2), dm)
+    gg = torch.kron(t.g, t.g).to(x.dtype)                              # G^T dU G
+    return (gg.t() @ du.view(a * a, c * k)).view(3, 3, c, k).permute(3, 2, 0, 1).contiguous()
 
 
 class _Conv3x3Winograd(torch.autograd.Function):

@@ -17,6 +17,27 @@ from darknet_cfg.infer import Detector
 from darknet_cfg.layers import winograd
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def impl(request, monkeypatch):
+    """Both ways of computing the transforms: layers/_winograd.c (built by setup.py) and the torch
+    operators used where it is not built or a shape's channels are not multiples of 8."""
+    if request.param == "compiled":
+        if winograd._LIB is None:
+            pytest.skip("layers/_winograd.c not built (no C compiler at install, or no AVX2)")
+    else:
+        monkeypatch.setattr(winograd, "_LIB", None)
+    return request.param
+
+
+def test_compiled_transforms_are_built_where_ci_runs():
+    """CI installs with a C compiler on x86-64: the compiled transforms must be there."""
+    import os
+    import platform
+    if not os.environ.get("CI") or platform.machine() != "x86_64":
+        pytest.skip("checked in CI on x86-64")
+    assert winograd._LIB is not None
+
+
 def _conv(c, k, bias=True, seed=0):
     torch.manual_seed(seed)
     conv = nn.Conv2d(c, k, 3, 1, 1, bias=bias)
@@ -29,9 +50,9 @@ def _conv(c, k, bias=True, seed=0):
 
 @pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize("shape", [(2, 5, 7, 9, 13), (1, 16, 8, 13, 13), (1, 3, 4, 1, 6),
-                                   (3, 32, 24, 17, 8)])
+                                   (3, 32, 24, 17, 8), (1, 8, 16, 1, 1), (2, 24, 40, 10, 6)])
 @pytest.mark.parametrize("bias,leaky", [(True, True), (False, False)])
-def test_winograd_equals_direct_convolution(m, shape, bias, leaky):
+def test_winograd_equals_direct_convolution(m, shape, bias, leaky, impl):
     n, c, k, h, w = shape
     conv = _conv(c, k, bias)
     x = torch.randn(n, c, h, w)
@@ -53,7 +74,19 @@ def test_winograd_equals_direct_convolution(m, shape, bias, leaky):
         assert err <= bound, (err, direct_err, scale)
 
 
-def test_bands_of_tile_rows_give_the_same_result(monkeypatch):
+@pytest.mark.parametrize("m", [2, 4])
+def test_channel_slice_input(m, impl):
+    """A [route] group's channel slice of a channels_last tensor is read in place."""
+    conv = _conv(16, 8)
+    full = torch.randn(2, 48, 9, 11).contiguous(memory_format=torch.channels_last)
+    x = full[:, 16:32]
+    with torch.no_grad():
+        y = winograd.conv3x3(conv, x, m)
+        ref = F.conv2d(x.contiguous(), conv.weight, conv.bias, padding=1)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bands_of_tile_rows_give_the_same_result(monkeypatch, impl):
     conv = _conv(8, 8)
     x = torch.randn(1, 8, 30, 11)
     with torch.no_grad():
@@ -79,14 +112,31 @@ def test_transformed_weights_follow_weight_changes():
         winograd.conv3x3(c2, x, 2)
 
 
-def test_tile_choice():
-    assert winograd.tile_for(64, 64, 104, 104) == 0       # thin: the transforms cost more
-    assert winograd.tile_for(128, 128, 52, 52) == 4
-    assert winograd.tile_for(128, 128, 26, 26) == 0
-    assert winograd.tile_for(256, 512, 26, 26) == 4
-    assert winograd.tile_for(512, 1024, 13, 13) == 2      # 4x4 tiles would waste 34% at 13
-    assert winograd.tile_for(256, 256, 13, 13) == 0
-    assert winograd.tile_for(1024, 1024, 7, 7) == 0
+def test_tile_choice(impl):
+    tile = winograd.tile_for
+    if impl == "compiled":
+        assert tile(64, 64, 104, 104) == 4          # cheap transforms: thin layers pay too
+        assert tile(32, 32, 104, 104) == 4
+        assert tile(8, 8, 104, 104) == 0            # too thin for the batched GEMM
+        assert tile(128, 128, 26, 26) == 4
+        assert tile(512, 512, 13, 13) == 2          # 4x4 tiles would waste 34% at 13
+        assert tile(128, 128, 13, 13) == 0
+        assert tile(1024, 1024, 7, 7) == 0
+        assert tile(64, 64, 104, 104, largest=2) == 2
+        assert tile(32, 32, 104, 104, largest=2) == 0
+        assert tile(512, 512, 13, 13, largest=2) == 2
+        assert tile(12, 12, 104, 104) == 0          # channels not multiples of 8: torch rule
+    else:
+        assert tile(64, 64, 104, 104) == 0          # thin: the transforms cost more
+        assert tile(128, 128, 52, 52) == 4
+        assert tile(128, 128, 26, 26) == 0
+        assert tile(256, 512, 26, 26) == 4
+        assert tile(256, 512, 26, 26, largest=2) == 0
+        assert tile(512, 1024, 13, 13) == 2
+        assert tile(256, 256, 13, 13) == 0
+        assert tile(1024, 1024, 7, 7) == 0
+    assert tile(128, 128, 52, 52, training=True, batch=8) == 4
+    assert tile(32, 32, 52, 52, training=True, batch=8) == 0
     conv = nn.Conv2d(8, 8, 3, 1, 1)
     assert winograd.applies(conv)
     assert not winograd.applies(nn.Conv2d(8, 8, 3, 2, 1))
@@ -173,13 +223,14 @@ def _assert_same_detections_near_thresh(dets, after, ref, margin):
 
 
 @needs_shared
+@pytest.mark.parametrize("tiles", [2, 4])
 @pytest.mark.parametrize("name", _detectors())
-def test_detector_with_winograd_matches_darknet(name, tmp_path):
+def test_detector_with_winograd_matches_darknet(name, tiles, tmp_path):
     """The opt-in path keeps Darknet's outputs within the oracle tolerance and its detections,
     up to classes within 2e-5 of the threshold (float rounding differs from Darknet's)."""
     model, meta = load_oracle_model(name, tmp_path)
     ref = json.loads((ORACLE / "models" / name / "detections.json").read_text())
-    det = Detector(model.fuse(), thresh=ref["thresh"], nms=ref["nms"], winograd=True)
+    det = Detector(model.fuse(), thresh=ref["thresh"], nms=ref["nms"], winograd=tiles)
     used = []
     real = winograd.conv3x3
     winograd.conv3x3 = lambda *a, **k: used.append(a[2]) or real(*a, **k)
@@ -195,8 +246,9 @@ def test_detector_with_winograd_matches_darknet(name, tmp_path):
 
 
 @pytest.mark.parametrize("m", [2, 4])
-@pytest.mark.parametrize("shape", [(2, 3, 5, 7, 9), (3, 8, 4, 5, 13), (1, 16, 16, 12, 12)])
-def test_training_convolution_gradients(m, shape):
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7, 9), (3, 8, 4, 5, 13), (1, 16, 16, 12, 12),
+                                   (2, 8, 24, 9, 14)])
+def test_training_convolution_gradients(m, shape, impl):
     """Forward, input gradient and weight gradient by Winograd equal float64 autograd."""
     n, c, k, h, w = shape
     conv = _conv(c, k)
