@@ -10,8 +10,8 @@ dog.png, with 2 threads. Engines are interleaved round by round; figures are med
 ``--runs`` rounds, per image (batch time / batch). Forward, decode (get_network_boxes; OpenCV:
 reading its decoded rows) and NMS (Darknet's; OpenCV: cv2.dnn.NMSBoxes per class) are timed
 separately. "fused" is what ``Detector`` runs on CPU by default: BN folded, channels_last,
-prepacked oneDNN convolutions (``model.prepack()``), in-place one-exp mish, a batch run image
-by image; "compiled" adds ``model.compile_activations()`` (detect --compile); "winograd" adds
+prepacked oneDNN convolutions (``model.prepack()``), in-place one-exp mish, batches of up
+to 4 images at once; "compiled" adds ``model.compile_activations()`` (detect --compile); "winograd" adds
 Winograd 3x3 convolutions to that (detect --compile --winograd; opt-in). ``--levers`` adds
 "fused+winograd" (detect --winograd, without --compile) and "fused+winograd2" (F(2x2) tiles
 only, ``Detector(winograd=2)``). The process runs with
@@ -167,14 +167,15 @@ class Engine:
     def forward(self, x):
         if self.kind in TORCH_ENGINES:
             import torch
-            from darknet_cfg.infer import forward_micro_batches
+            from darknet_cfg.infer import CPU_MICRO_BATCH, forward_micro_batches
             t = torch.from_numpy(x)
             if self.cl:
                 t = t.contiguous(memory_format=torch.channels_last)
             ctx = torch.no_grad() if self.no_grad else torch.inference_mode()
             with ctx:
-                # image by image, as Detector does on CPU (micro_batch=1); eager: the plain call
-                outs = forward_micro_batches(self.model, t, 0 if self.kind == "eager" else 1)
+                # as Detector does on CPU (micro_batch=CPU_MICRO_BATCH); eager: the plain call
+                outs = forward_micro_batches(self.model, t,
+                                             0 if self.kind == "eager" else CPU_MICRO_BATCH)
                 return [o.contiguous().numpy() for o in outs]  # as Detector
         if self.kind == "onnxruntime":
             return self.sess.run(None, {"input": x})

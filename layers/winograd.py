@@ -141,15 +141,22 @@ def tile_for(c_in: int, c_out: int, h: int, w: int, training: bool = False,
       from 20x20).
     - Inference with the torch transforms: they cost more, so only wide layers pay: F(4x4) from
       16x16 (1.2-1.6x), F(2x2) on 13x13 maps with >= 512 channels.
-    - Training (forward + both gradients, ``batch`` x h x w >= 3000 pixels): oneDNN's weight
-      gradient is slow, so F(4x4) wins from 24x24 (128 channels at 28: 1.5x) and F(2x2) below,
-      down to 7x7 (1.05-1.6x)."""
+    - Training (forward + both gradients, ``batch`` x h x w >= 3000 pixels; oneDNN's weight
+      gradient is slow): with the compiled transforms F(4x4) wins everywhere from hm >= 16 and
+      6x6 maps (``bench/winograd.py --train``, batch 64: 1.1x for 32 channels at 56, 1.6-2.6x
+      from 64 channels, 1.6-1.9x at 7x7; batch 16: 1.2-1.4x, but 32 channels at 14: 0.93x,
+      hence >= 8000 pixels for hm < 32); with the torch transforms F(4x4) from 24x24 (128
+      channels at 28: 1.5x) and F(2x2) below, down to 7x7 (1.05-1.6x), on hm >= 64."""
     hm = c_in * c_out / (c_in + c_out)
-    if training:
+    compiled = _LIB is not None and c_in % 8 == 0 and c_out % 8 == 0
+    if training and compiled:
+        px = batch * h * w
+        m = 4 if hm >= 16 and px >= 3000 and min(h, w) >= 6 and (hm >= 32 or px >= 8000) else 0
+    elif training:
         if hm < 64 or batch * h * w < 3000:
             return 0
         m = 4 if min(h, w) >= 24 else 2 if h * w >= 36 else 0
-    elif _LIB is not None and c_in % 8 == 0 and c_out % 8 == 0:
+    elif compiled:
         if largest >= 4 and hm >= 16 and min(h, w) >= 16:
             m = 4
         elif largest >= 4:

@@ -136,7 +136,17 @@ def test_tile_choice(impl):
         assert tile(256, 256, 13, 13) == 0
         assert tile(1024, 1024, 7, 7) == 0
     assert tile(128, 128, 52, 52, training=True, batch=8) == 4
-    assert tile(32, 32, 52, 52, training=True, batch=8) == 0
+    assert tile(128, 128, 64, 64, training=True, batch=1) == 4
+    assert tile(128, 128, 7, 7, training=True, batch=1) == 0      # too few pixels
+    if impl == "compiled":
+        assert tile(32, 32, 52, 52, training=True, batch=8) == 4
+        assert tile(256, 256, 7, 7, training=True, batch=64) == 4
+        assert tile(256, 256, 5, 5, training=True, batch=64) == 0
+        assert tile(8, 8, 52, 52, training=True, batch=8) == 0
+        assert tile(32, 32, 14, 14, training=True, batch=16) == 0   # thin and small: 0.93x
+    else:
+        assert tile(32, 32, 52, 52, training=True, batch=8) == 0
+        assert tile(256, 256, 7, 7, training=True, batch=64) == 2
     conv = nn.Conv2d(8, 8, 3, 1, 1)
     assert winograd.applies(conv)
     assert not winograd.applies(nn.Conv2d(8, 8, 3, 2, 1))
