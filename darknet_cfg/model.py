@@ -130,10 +130,10 @@ class DarknetModel(nn.Module):
         return self
 
     def winograd_training(self, enabled: bool = True) -> "DarknetModel":
-        """CPU training: wide 3x3 stride-1 convolutions compute their forward, input gradient and
+        """CPU training: 3x3 stride-1 convolutions compute their forward, input gradient and
         weight gradient by Winograd (layers/winograd.py) where that is faster than oneDNN
-        (yolov4-tiny@224 batch 64: 1.1x, bench/train_speed.py; the Trainer's CPU default). Same
-        function, float rounding of a different order (gradients agree to ~1e-5 relative)."""
+        (yolov4-tiny@224 batch 64: 1.45-1.5x, bench/train_speed.py; the Trainer's CPU default).
+        Same function, float rounding of a different order (gradients agree to ~1e-5 relative)."""
         from .layers.conv import ConvBnAct
         for m in self.modules():
             if isinstance(m, ConvBnAct):

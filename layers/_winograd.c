@@ -73,11 +73,13 @@ static inline void at2(const v8 *s, v8 *o) {
     o[1] = SUB(SUB(s[1], s[2]), s[3]);
 }
 
-void wino_input(const float *x, long ldx, int n, int h, int w, int c, int m, int r0, int r1,
-                int tw, float *v, int threads) {
+int wino_input(const float *x, long ldx, int n, int h, int w, int c, int m, int r0, int r1,
+               int tw, float *v, int threads) {
     const int a = m + 2, rows = r1 - r0;
     const long nt = (long)n * rows * tw, plane = nt * c;
     float *zero = calloc(c, sizeof(float));
+    if (!zero)
+        return -1;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (long t = 0; t < nt; t++) {
         const int tx = t % tw, ty = r0 + (t / tw) % rows, b = t / ((long)tw * rows);
@@ -106,6 +108,7 @@ void wino_input(const float *x, long ldx, int n, int h, int w, int c, int m, int
         }
     }
     free(zero);
+    return 0;
 }
 
 void wino_output(const float *mm, int n, int h, int w, int k, int m, int r0, int r1, int tw,
@@ -143,11 +146,13 @@ void wino_output(const float *mm, int n, int h, int w, int k, int m, int r0, int
 
 /* Training: A dY A^T of the m x m tiles of the output gradient dY (NHWC, ldy floats from a pixel
  * to the next; zero beyond the map) -> D[p][tile][k], the operand of the weight gradient. */
-void wino_grad_tiles(const float *dy, long ldy, int n, int h, int w, int k, int m, int r0,
-                     int r1, int tw, float *d, int threads) {
+int wino_grad_tiles(const float *dy, long ldy, int n, int h, int w, int k, int m, int r0,
+                    int r1, int tw, float *d, int threads) {
     const int a = m + 2, rows = r1 - r0;
     const long nt = (long)n * rows * tw, plane = nt * k;
     float *zero = calloc(k, sizeof(float));
+    if (!zero)
+        return -1;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (long t = 0; t < nt; t++) {
         const int tx = t % tw, ty = r0 + (t / tw) % rows, b = t / ((long)tw * rows);
@@ -173,4 +178,5 @@ void wino_grad_tiles(const float *dy, long ldy, int n, int h, int w, int k, int 
         }
     }
     free(zero);
+    return 0;
 }

@@ -90,6 +90,7 @@ def _load_kernels():
             lib = ctypes.CDLL(str(path))   # after torch: its OpenMP runtime is the one used
             p, i = ctypes.c_void_p, ctypes.c_int
             lib.wino_input.argtypes = [p, ctypes.c_long, i, i, i, i, i, i, i, i, p, i]
+            lib.wino_input.restype = lib.wino_grad_tiles.restype = i
             lib.wino_output.argtypes = [p, i, i, i, i, i, i, i, i, p, ctypes.c_float, i, p, i]
             lib.wino_grad_tiles.argtypes = [p, ctypes.c_long, i, i, i, i, i, i, i, i, p, i]
             return lib
@@ -252,8 +253,9 @@ def _input_tiles(x: Tensor, m: int, compiled: bool
 
         def band(r0: int, r1: int) -> Tensor:
             v = x.new_empty((a * a, n * (r1 - r0) * tw, c))
-            _LIB.wino_input(xc.data_ptr(), ldx, n, h, w, c, m, r0, r1, tw, v.data_ptr(),
-                            threads)
+            if _LIB.wino_input(xc.data_ptr(), ldx, n, h, w, c, m, r0, r1, tw, v.data_ptr(),
+                               threads):
+                raise MemoryError("Winograd input transform: out of memory")
             return v
         return band, th, tw
     xp, th, tw = _padded_nhwc(x, m)
@@ -320,8 +322,9 @@ def _weight_grad(x: Tensor, dy: Tensor, m: int) -> Tensor:
     for r0, r1 in _bands(n, th, tw, a, max(c, k)):
         if compiled:
             dm = x.new_empty((a * a, n * (r1 - r0) * tw, k))                  # A dY A^T
-            _LIB.wino_grad_tiles(dyc.data_ptr(), dyc.stride(3), n, h, w, k, m, r0, r1, tw,
-                                 dm.data_ptr(), threads)
+            if _LIB.wino_grad_tiles(dyc.data_ptr(), dyc.stride(3), n, h, w, k, m, r0, r1, tw,
+                                    dm.data_ptr(), threads):
+                raise MemoryError("Winograd gradient transform: out of memory")
         else:
             g = dyt[:, r0:r1].permute(2, 4, 0, 1, 3, 5).reshape(m * m, -1)      # (m^2, P*K)
             dm = torch.mm(t.at2.t(), g).view(a * a, -1, k)                      # (a^2, P, K)
