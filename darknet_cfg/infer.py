@@ -53,9 +53,9 @@ def _head_params(specs) -> Dict[int, HeadParams]:
         raise DarknetError(str(e)) from None
 
 
-# images per forward on CPU. Measured (bench/infer.py models, batch 4, ms per image): whole
-# batch vs image by image, yolov4-tiny 41.0 vs 43.4, yolov4 360 vs 376, yolov4-csp 555 vs 554
-# (with runtime.keep_freed_memory; before it, image by image was 1.1-1.4x faster)
+# images per forward on CPU. Measured (bench/infer.py models, batch 4, ms per image), whole
+# batch vs image by image: yolov4-tiny 41.0 vs 43.4, yolov4 359-360 vs 368-376, yolov4-csp
+# 555 vs 554 (with runtime.keep_freed_memory; before it, image by image was 1.1-1.4x faster)
 CPU_MICRO_BATCH = 4
 
 

@@ -100,9 +100,9 @@ def _load_kernels():
 _LIB = _load_kernels()   # tests set this to None to check the torch fallback
 
 
-def _compiled(c: int, k: int, x: Tensor) -> bool:
-    """Whether the compiled transforms take this convolution (8-channel vectors)."""
-    return _LIB is not None and c % 8 == 0 and k % 8 == 0 and x.dtype == torch.float32
+def _compiled(c: int, k: int, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the compiled transforms take this convolution (float32, 8-channel vectors)."""
+    return _LIB is not None and c % 8 == 0 and k % 8 == 0 and dtype == torch.float32
 
 
 def transform_weight(weight: Tensor, m: int, dtype=torch.float64) -> Tensor:
@@ -149,7 +149,7 @@ def tile_for(c_in: int, c_out: int, h: int, w: int, training: bool = False,
       hence >= 8000 pixels for hm < 32); with the torch transforms F(4x4) from 24x24 (128
       channels at 28: 1.5x) and F(2x2) below, down to 7x7 (1.05-1.6x), on hm >= 64."""
     hm = c_in * c_out / (c_in + c_out)
-    compiled = _LIB is not None and c_in % 8 == 0 and c_out % 8 == 0
+    compiled = _compiled(c_in, c_out)
     if training and compiled:
         px = batch * h * w
         m = 4 if hm >= 16 and px >= 3000 and min(h, w) >= 6 and (hm >= 32 or px >= 8000) else 0
@@ -272,7 +272,7 @@ def _forward(x: Tensor, u: Tensor, bias: Optional[Tensor], m: int, leaky: bool) 
     a = t.a
     n, c, h, w = x.shape
     k = u.shape[2]
-    compiled = _compiled(c, k, x)
+    compiled = _compiled(c, k, x.dtype)
     tiles, th, tw = _input_tiles(x, m, compiled)
     out = torch.empty((n, h, w, k), dtype=x.dtype)
     if compiled and bias is not None:
@@ -310,7 +310,7 @@ def _weight_grad(x: Tensor, dy: Tensor, m: int) -> Tensor:
     a = t.a
     n, c, h, w = x.shape
     k = dy.shape[1]
-    compiled = _compiled(c, k, x)
+    compiled = _compiled(c, k, x.dtype)
     tiles, th, tw = _input_tiles(x, m, compiled)
     if compiled:
         dyc = _nhwc_view(dy)
