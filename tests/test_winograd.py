@@ -54,7 +54,7 @@ def _conv(c, k, bias=True, seed=0):
 @pytest.mark.parametrize("bias,leaky", [(True, True), (False, False)])
 def test_winograd_equals_direct_convolution(m, shape, bias, leaky, impl):
     n, c, k, h, w = shape
-    conv = _conv(c, k, bias)
+    conv = _conv(c, k, bias).requires_grad_(False)
     x = torch.randn(n, c, h, w)
     ref = F.conv2d(x.double(), conv.weight.double(),
                    None if conv.bias is None else conv.bias.double(), padding=1)
