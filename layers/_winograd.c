@@ -1,10 +1,11 @@
-/* Winograd F(m x m, 3x3) input and output transforms for layers/winograd.py (AVX2 + FMA).
+/* Winograd F(m x m, 3x3) transforms for layers/winograd.py (AVX2 + FMA), m = 2 or 4.
  *
- * The channel mixing between them is torch's batched GEMM; these two functions do the parts
- * that torch can only do in several passes over memory:
+ * The channel mixing between them is torch's batched GEMM; these functions do the parts that
+ * torch can only do in several passes over memory:
  *   wino_input:  NHWC input, ldx floats from a pixel to the next (>= C: a channel slice of a
  *                wider tensor), zero padding 1 implied -> V[p][tile][c] = (B^T d B)[p]
  *   wino_output: M[p][tile][k] -> NHWC output = A^T M A (+ bias, leaky), border tiles clipped
+ *   wino_grad_tiles (training): NHWC output gradient -> its tiles' A dY A^T, D[p][tile][k]
  * for the tiles of tile rows [r0, r1) of every image. Channels are processed 8 at a time (one
  * ymm register), so C and K must be multiples of 8; tiles run in parallel with OpenMP (torch's
  * own runtime when loaded after torch). Loaded with ctypes; no Python API. */
@@ -136,7 +137,8 @@ void wino_output(const float *mm, int n, int h, int w, int k, int m, int r0, int
                 if (m == 4) at4(r + i * a, o); else at2(r + i * a, o);
                 for (int j = 0; j < nj; j++) {
                     v8 z = ADD(o[j], bv);
-                    if (leaky) z = _mm256_max_ps(z, _mm256_mul_ps(z, sl));
+                    if (leaky)   /* max(z, slope z) = leaky ReLU for 0 < slope < 1 */
+                        z = _mm256_max_ps(z, _mm256_mul_ps(z, sl));
                     _mm256_storeu_ps(dst + ((long)i * w + j) * k + ch, z);
                 }
             }
