@@ -7,8 +7,9 @@ shape: the measurements behind ``layers/winograd.tile_for``.
 Each shape is a 3x3 stride-1 convolution with bias and leaky ReLU (what both paths fuse), on a
 channels_last batch, 2 threads. Printed: the direct time (ms) and GFLOP/s (direct-equivalent
 FLOPs), each Winograd tile's speed-up (>1: faster), its max error against float64 relative to
-the output's scale (direct's too), and the tile ``tile_for`` picks. Runs are interleaved;
-medians. The CPU's FMA peak is printed first (shared machines drift).
+the output's scale (direct's too), and the tile ``tile_for`` picks. Winograd runs with the
+compiled transforms (layers/_winograd.c) where they are built, else with torch's. Runs are
+interleaved; medians. The CPU's FMA peak is printed first (shared machines drift).
 """
 from __future__ import annotations
 
