@@ -74,6 +74,18 @@ static inline void at2(const v8 *s, v8 *o) {
     o[1] = SUB(SUB(s[1], s[2]), s[3]);
 }
 
+/* Pointers to the size x size pixels of image b from (y0, x0) of an NHWC map (ld floats from a
+ * pixel to the next); pixels outside the map point to zero. */
+static inline void patch(const float *x, long ld, int h, int w, int b, int y0, int x0, int size,
+                         const float *zero, const float **src) {
+    for (int i = 0; i < size; i++)
+        for (int j = 0; j < size; j++) {
+            const int y = y0 + i, xx = x0 + j;
+            src[i * size + j] = (y < 0 || y >= h || xx < 0 || xx >= w)
+                ? zero : x + (((long)b * h + y) * w + xx) * ld;
+        }
+}
+
 int wino_input(const float *x, long ldx, int n, int h, int w, int c, int m, int r0, int r1,
                int tw, float *v, int threads) {
     const int a = m + 2, rows = r1 - r0;
@@ -85,14 +97,7 @@ int wino_input(const float *x, long ldx, int n, int h, int w, int c, int m, int 
     for (long t = 0; t < nt; t++) {
         const int tx = t % tw, ty = r0 + (t / tw) % rows, b = t / ((long)tw * rows);
         const float *src[36];
-        for (int i = 0; i < a; i++) {
-            const int y = ty * m - 1 + i;
-            for (int j = 0; j < a; j++) {
-                const int xx = tx * m - 1 + j;
-                src[i * a + j] = (y < 0 || y >= h || xx < 0 || xx >= w)
-                    ? zero : x + (((long)b * h + y) * w + xx) * ldx;
-            }
-        }
+        patch(x, ldx, h, w, b, ty * m - 1, tx * m - 1, a, zero, src);
         float *dst = v + t * c;
         for (int ch = 0; ch < c; ch += 8) {
             v8 d[36], r[36], col[6], tc[6];
@@ -159,11 +164,7 @@ int wino_grad_tiles(const float *dy, long ldy, int n, int h, int w, int k, int m
     for (long t = 0; t < nt; t++) {
         const int tx = t % tw, ty = r0 + (t / tw) % rows, b = t / ((long)tw * rows);
         const float *src[16];
-        for (int i = 0; i < m; i++)
-            for (int j = 0; j < m; j++) {
-                const int y = ty * m + i, xx = tx * m + j;
-                src[i * m + j] = (y >= h || xx >= w) ? zero : dy + (((long)b * h + y) * w + xx) * ldy;
-            }
+        patch(dy, ldy, h, w, b, ty * m, tx * m, m, zero, src);
         float *dst = d + t * k;
         for (int ch = 0; ch < k; ch += 8) {
             v8 g[16], r[24], col[4], z[6];

@@ -238,13 +238,15 @@ def _nhwc_view(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def _input_tiles(x: Tensor, m: int, compiled: bool
-                 ) -> Tuple[Callable[[int, int], Tensor], int, int]:
+def _input_tiles(x: Tensor, m: int, k: int
+                 ) -> Tuple[Callable[[int, int], Tensor], int, int, bool]:
     """(band -> B^T d B of the tiles in tile rows [r0, r1) as (a^2, tiles, C), tile rows, tile
-    columns) for NCHW x; tiles are ordered (image, tile row, tile column)."""
+    columns, whether the compiled transforms run) for NCHW x and K output channels; tiles are
+    ordered (image, tile row, tile column)."""
     t = _TRANSFORMS[m]
     a = t.a
     n, c, h, w = x.shape
+    compiled = _compiled(c, k, x.dtype)
     if compiled:
         th, tw = -(-h // m), -(-w // m)
         xc = _nhwc_view(x)
@@ -257,14 +259,14 @@ def _input_tiles(x: Tensor, m: int, compiled: bool
                                threads):
                 raise MemoryError("Winograd input transform: out of memory")
             return v
-        return band, th, tw
+        return band, th, tw, True
     xp, th, tw = _padded_nhwc(x, m)
 
     def band(r0: int, r1: int) -> Tensor:
         tiles = xp[:, m * r0:m * r1 + 2].unfold(1, a, m).unfold(2, a, m)  # n, rows, tw, c, a, a
         d = tiles.permute(4, 5, 0, 1, 2, 3).reshape(a * a, -1)
         return torch.mm(t.bt2, d).view(a * a, -1, c)
-    return band, th, tw
+    return band, th, tw, False
 
 
 def _forward(x: Tensor, u: Tensor, bias: Optional[Tensor], m: int, leaky: bool) -> Tensor:
@@ -272,8 +274,7 @@ def _forward(x: Tensor, u: Tensor, bias: Optional[Tensor], m: int, leaky: bool) 
     a = t.a
     n, c, h, w = x.shape
     k = u.shape[2]
-    compiled = _compiled(c, k, x.dtype)
-    tiles, th, tw = _input_tiles(x, m, compiled)
+    tiles, th, tw, compiled = _input_tiles(x, m, k)
     out = torch.empty((n, h, w, k), dtype=x.dtype)
     if compiled and bias is not None:
         bias = bias.detach().float().contiguous()
@@ -310,8 +311,7 @@ def _weight_grad(x: Tensor, dy: Tensor, m: int) -> Tensor:
     a = t.a
     n, c, h, w = x.shape
     k = dy.shape[1]
-    compiled = _compiled(c, k, x.dtype)
-    tiles, th, tw = _input_tiles(x, m, compiled)
+    tiles, th, tw, compiled = _input_tiles(x, m, k)
     if compiled:
         dyc = _nhwc_view(dy)
         threads = torch.get_num_threads()
