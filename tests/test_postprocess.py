@@ -19,6 +19,8 @@ def _detector_dirs():
         dirs += sorted(p for p in q.iterdir() if p.is_dir())
     out = []
     for d in dirs:
+        if not (d / "meta.json").is_file():  # a quirk case without a forward oracle (README only)
+            continue
         meta = json.loads((d / "meta.json").read_text())
         if meta["kind"] == "detector":
             out.append(d)
