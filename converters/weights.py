@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import struct
 import tempfile
+import time
+import warnings
 from dataclasses import dataclass, field
 from typing import BinaryIO, Dict, Iterator, List, Optional, Tuple
 
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import DarknetWeightsError
+from ..errors import DarknetWeightsError, WeightsWarning
 from ..specs import LayerSpec
 
 MAX_VERSION = 1 << 20  # no darknet ever wrote a larger major/minor/revision
@@ -104,6 +106,7 @@ class LoadReport:
     trailing_floats: int = 0
     complete: bool = True
     notes: List[str] = field(default_factory=list)
+    nonfinite: Dict[int, int] = field(default_factory=dict)  # layer -> NaN/Inf count
 
 
 def _describe(spec: LayerSpec) -> str:
@@ -111,12 +114,14 @@ def _describe(spec: LayerSpec) -> str:
 
 
 @torch.no_grad()
-def load_weights(model, path, strict: bool = True, upto: Optional[int] = None) -> LoadReport:
+def load_weights(model, path, strict: bool = True, upto: Optional[int] = None,
+                 strict_finite: bool = False) -> LoadReport:
     """Fill ``model`` from a Darknet .weights file.
 
     strict=True: the file must hold exactly the floats the cfg needs. strict=False: a file that
     ends early fills the layers it covers (like ``darknet partial``); extra data is ignored.
-    ``upto``: read only layers [0, upto) (darknet's load_weights_upto)."""
+    ``upto``: read only layers [0, upto) (darknet's load_weights_upto). NaN/Inf floats give a
+    ``WeightsWarning`` naming the layers (``strict_finite=True``: a DarknetWeightsError)."""
     path = os.fspath(path)
     try:
         f = open(path, "rb")
@@ -126,13 +131,12 @@ def load_weights(model, path, strict: bool = True, upto: Optional[int] = None) -
         file_size = os.fstat(f.fileno()).st_size
         header = read_header(f, path, file_size)
         payload = file_size - header.size
-        if payload % 4:
-            raise DarknetWeightsError(f"{path}: {payload} bytes after the header is not a whole "
-                                      "number of float32 values: the file is damaged")
         available = payload // 4
         plan = [(s, t) for s, t in iter_layer_tensors(model)
                 if t and not s.dontload and (upto is None or s.index < upto)]
         expected = sum(t.numel() for _, ts in plan for _, t in ts)
+        if payload % 4 and (strict or available >= expected):
+            raise DarknetWeightsError(_ragged_message(path, plan, payload, expected))
         report = LoadReport(header, floats_expected=expected)
         if strict and available < expected:
             raise DarknetWeightsError(_short_message(path, plan, available, expected))
@@ -155,8 +159,34 @@ def load_weights(model, path, strict: bool = True, upto: Optional[int] = None) -
             report.layers_loaded += 1
             report.last_layer = spec.index
         report.trailing_floats = left if report.complete else 0
+    report.nonfinite = count_nonfinite(plan, report.last_layer)
+    if report.nonfinite:
+        _report_nonfinite(path, model, report.nonfinite, strict_finite)
     model.header = header.as_dict()
     return report
+
+
+def count_nonfinite(plan, last_layer: int) -> Dict[int, int]:
+    """layer index -> number of NaN/Inf floats, for the layers filled so far."""
+    out: Dict[int, int] = {}
+    for spec, tensors in plan:
+        if spec.index > last_layer:
+            break
+        bad = sum(int(t.numel() - torch.isfinite(t).sum()) for _, t in tensors)
+        if bad:
+            out[spec.index] = bad
+    return out
+
+
+def _report_nonfinite(path: str, model, nonfinite: Dict[int, int], strict_finite: bool) -> None:
+    specs = model.graph.layers
+    shown = ", ".join(f"{_describe(specs[i])}: {n}" for i, n in list(nonfinite.items())[:8])
+    more = f" and {len(nonfinite) - 8} more layers" if len(nonfinite) > 8 else ""
+    message = (f"{path}: {sum(nonfinite.values())} NaN/Inf floats in {len(nonfinite)} layers "
+               f"({shown}{more}); outputs that depend on them will not be finite")
+    if strict_finite:
+        raise DarknetWeightsError(message)
+    warnings.warn(message, WeightsWarning, stacklevel=3)
 
 
 def _read_into(f: BinaryIO, t: Tensor, transposed: Optional[Tuple[int, int]]) -> None:
@@ -186,6 +216,23 @@ def _short_message(path: str, plan, available: int, expected: int) -> str:
     return f"{path}: expected {expected} floats, found {available}"
 
 
+def _ragged_message(path: str, plan, payload: int, expected: int) -> str:
+    """A payload that is not whole floats: say where it ends (usually a cut-off download)."""
+    if payload < 4 * expected:
+        offset = 0
+        for spec, tensors in plan:
+            for name, t in tensors:
+                end = offset + 4 * t.numel()
+                if end > payload:
+                    return (f"{path}: the file looks truncated (an interrupted download?): its data "
+                            f"ends {payload - offset} bytes into segment '{name}' of "
+                            f"{_describe(spec)}, {4 * expected - payload} bytes short of the "
+                            f"{4 * expected} this cfg needs after the header")
+                offset = end
+    return (f"{path}: {payload} bytes after the header is not a whole number of float32 values "
+            f"(this cfg needs {4 * expected}): the file is damaged")
+
+
 def weights_bytes_iter(model, upto: Optional[int] = None,
                        header: Optional[Dict[str, int]] = None) -> Iterator[bytes]:
     h = WeightsHeader(**(header or model.header))
@@ -208,11 +255,41 @@ def umask_mode(path) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
+# Temporary files of atomic writes: ".<name>.<random>.darknet-cfg-partial", so a leftover of a
+# killed write can never be taken for a .weights file (find -name '*.weights' skips it).
+PARTIAL_SUFFIX = ".darknet-cfg-partial"
+
+
+def partial_name_prefix(path) -> str:
+    return f".{os.path.basename(os.fspath(path))}."
+
+
+def remove_stale_partials(directory, older_than_s: float = 600.0) -> List[str]:
+    """Delete leftovers of interrupted atomic writes in ``directory`` (older than
+    ``older_than_s``, so a write in progress elsewhere is never touched); returns their names."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    now = time.time()
+    for e in entries:
+        if e.name.startswith(".") and e.name.endswith(PARTIAL_SUFFIX) and e.is_file():
+            try:
+                if now - e.stat().st_mtime >= older_than_s:
+                    os.unlink(e.path)
+                    removed.append(e.name)
+            except OSError:
+                pass
+    return removed
+
+
 def atomic_write(path, chunks) -> None:
     """Write to a temporary file beside ``path``, then rename: no half-written files."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=partial_name_prefix(path), suffix=PARTIAL_SUFFIX,
+                               dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Union
 
-from .errors import DarknetCfgError, DarknetError, DarknetWeightsError
+from .errors import DarknetCfgError, DarknetError, DarknetWeightsError, WeightsWarning
 from .graph import NetGraph, build_graph
 from .model import DarknetModel, build_model
 from .options import CfgWarning
@@ -19,15 +19,18 @@ from .reader import Cfg, parse_cfg_text, read_cfg, write_cfg
 __version__ = "0.1.0"
 __all__ = ["load", "load_weights", "save_weights", "save_checkpoint", "summary", "build_model",
            "build_graph", "DarknetModel", "DarknetCfgError", "DarknetWeightsError",
-           "DarknetError", "CfgWarning", "read_cfg", "write_cfg", "parse_cfg_text"]
+           "DarknetError", "CfgWarning", "WeightsWarning", "read_cfg", "write_cfg", "parse_cfg_text"]
 
 PathLike = Union[str, os.PathLike]
 
 
 def load(cfg_or_pt: PathLike, weights: Optional[PathLike] = None, *, width: Optional[int] = None,
-         height: Optional[int] = None, strict: bool = True, device=None) -> DarknetModel:
+         height: Optional[int] = None, strict: bool = True, strict_finite: bool = False,
+         device=None) -> DarknetModel:
     """Build a model from a Darknet cfg (optionally loading .weights) or from a .pt checkpoint
-    written by ``darknet2torch``/``save_checkpoint``. Returns the model in eval mode."""
+    written by ``darknet2torch``/``save_checkpoint``. Returns the model in eval mode.
+
+    NaN/Inf values in the weights warn (``WeightsWarning``); ``strict_finite=True`` rejects them."""
     from .converters.checkpoint import read_checkpoint
     path = os.fspath(cfg_or_pt)
     if path.endswith((".pt", ".pth")):
@@ -37,18 +40,20 @@ def load(cfg_or_pt: PathLike, weights: Optional[PathLike] = None, *, width: Opti
         model.load_state_dict(ckpt["state_dict"])
         model.header = dict(ckpt["header"])
         if weights is not None:
-            load_weights(model, weights, strict=strict)
+            load_weights(model, weights, strict=strict, strict_finite=strict_finite)
     else:
         model = build_model(path, width, height, device=device)
         if weights is not None:
-            load_weights(model, weights, strict=strict)
+            load_weights(model, weights, strict=strict, strict_finite=strict_finite)
     return model.eval()
 
 
-def load_weights(model: DarknetModel, path: PathLike, strict: bool = True):
-    """Read Darknet .weights into ``model``; returns a LoadReport (layers filled, floats read)."""
+def load_weights(model: DarknetModel, path: PathLike, strict: bool = True,
+                 strict_finite: bool = False):
+    """Read Darknet .weights into ``model``; returns a LoadReport (layers filled, floats read,
+    ``nonfinite``: layer -> NaN/Inf count, which also warn unless ``strict_finite`` rejects them)."""
     from .converters.weights import load_weights as _load
-    return _load(model, path, strict=strict)
+    return _load(model, path, strict=strict, strict_finite=strict_finite)
 
 
 def save_weights(model: DarknetModel, path: PathLike, upto: Optional[int] = None) -> None:
@@ -65,5 +70,5 @@ def save_checkpoint(model: DarknetModel, path: PathLike) -> None:
 
 def summary(cfg: PathLike, width: Optional[int] = None, height: Optional[int] = None) -> List[dict]:
     """Per-layer records (what ``darknet-cfg summary --json`` prints, without the totals)."""
-    from .summary import layer_records
+    from .layer_table import layer_records
     return layer_records(build_graph(cfg, width, height))

@@ -8,7 +8,7 @@ from typing import Optional
 
 import click
 
-from .cliutil import friendly as _friendly, size_options as _size_options
+from .cliutil import Command, Group, friendly as _friendly, size_options as _size_options
 
 
 def _find_weights(cfg: Path) -> Optional[Path]:
@@ -19,15 +19,17 @@ def _find_weights(cfg: Path) -> Optional[Path]:
     return None
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("cfg", type=click.Path(dir_okay=False))
 @click.argument("weights", required=False, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="output .pt (default: <cfg stem>.pt in the current folder)")
 @_size_options
 @click.option("--partial", is_flag=True, help="accept a weights file that ends early")
+@click.option("--strict-finite", is_flag=True,
+              help="reject weights holding NaN/Inf values (default: warn and convert)")
 @_friendly
-def darknet2torch(cfg, weights, output, width, height, partial):
+def darknet2torch(cfg, weights, output, width, height, partial, strict_finite):
     """Convert a Darknet CFG (+ WEIGHTS) into a PyTorch checkpoint (.pt).
 
     The .pt holds the cfg text, the network size, the Darknet header and the state_dict, so
@@ -37,7 +39,7 @@ def darknet2torch(cfg, weights, output, width, height, partial):
     model = build_model(cfg_path, width, height)
     wpath = Path(weights) if weights else _find_weights(cfg_path)
     if wpath is not None:
-        report = load_weights(model, wpath, strict=not partial)
+        report = load_weights(model, wpath, strict=not partial, strict_finite=strict_finite)
         note = "" if report.complete else f" (partial: {report.notes[0]})"
         click.echo(f"loaded {wpath}: {report.floats_read} floats into {report.layers_loaded} "
                    f"layers{note}")
@@ -50,7 +52,7 @@ def darknet2torch(cfg, weights, output, width, height, partial):
                f"{model.width}, outputs {model.output_indices})")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model_pt", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="output .weights (default: <model stem>.weights)")
@@ -64,7 +66,7 @@ def torch2darknet(model_pt, output):
     click.echo(f"wrote {out} ({os.path.getsize(out)} bytes)")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="darknet_cfg")
 def main():
     """Darknet cfg interpreter and converter for PyTorch."""
@@ -78,7 +80,7 @@ def main():
 def summary(cfg, width, height, as_json):
     """Print Darknet's layer table for CFG (index, type, filters, size/stride, shapes, BFLOPs)."""
     from .graph import build_graph
-    from .summary import summary_dict, summary_text
+    from .layer_table import summary_dict, summary_text
     graph = build_graph(cfg, width, height)
     if as_json:
         click.echo(json.dumps(summary_dict(graph), indent=1))
@@ -109,11 +111,12 @@ def partial(cfg, weights, output, layers):
 @click.option("-o", "--output", type=click.Path(dir_okay=False))
 @_size_options
 @click.option("--partial", is_flag=True, help="accept a weights file that ends early")
+@click.option("--strict-finite", is_flag=True, help="reject weights holding NaN/Inf values")
 @click.pass_context
-def convert(ctx, cfg, weights, output, width, height, partial):
+def convert(ctx, cfg, weights, output, width, height, partial, strict_finite):
     """Same as `darknet2torch`."""
     ctx.invoke(darknet2torch, cfg=cfg, weights=weights, output=output, width=width,
-               height=height, partial=partial)
+               height=height, partial=partial, strict_finite=strict_finite)
 
 
 def _register_subcommands() -> None:

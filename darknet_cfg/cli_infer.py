@@ -303,9 +303,14 @@ def register(group: click.Group) -> None:
                        "models ~1.25x, after a one-time weight transform of ~0.45 s for yolov4; "
                        "float rounding differs from Darknet's, so a score within ~1e-5 of "
                        "--thresh may land on the other side)")
+    @click.option("--half", is_flag=True,
+                  help="CUDA: float16 weights and activations (faster; boxes move by ~1e-3, "
+                       "see README); default: exact float32 without TF32")
+    @click.option("--cuda-graph", is_flag=True,
+                  help="CUDA: replay the forward from a captured CUDA graph (one per batch shape)")
     @_friendly
     def detect(cfg, weights, sources, names, thresh, nms, width, height, letter_box, out_dir,
-               json_path, coco_json, batch, device, compile_, winograd):
+               json_path, coco_json, batch, device, compile_, winograd, half, cuda_graph):
         """Detect objects in images, folders, list files or videos, as `darknet detector test`.
 
         Prints Darknet's lines for a single image; draws boxes into --out; writes Darknet's
@@ -331,7 +336,10 @@ def register(group: click.Group) -> None:
         model = load(cfg, weights, width=width, height=height, device=device).fuse()
         if compile_:
             model.compile_activations()
-        det = Detector(model, thresh=thresh, nms=nms, letter_box=letter_box, winograd=winograd)
+        if (half or cuda_graph) and device != "cuda":
+            raise DarknetError("--half and --cuda-graph need --device cuda")
+        det = Detector(model, thresh=thresh, nms=nms, letter_box=letter_box, winograd=winograd,
+                       dtype=torch.float16 if half else None, cuda_graph=cuda_graph)
         label_names = _read_names(names, det.classes)
         single = len(items) == 1 and items[0][0] == "image" and not missing
         run = _Run(det, label_names, thresh, out, verbose=single)

@@ -36,9 +36,12 @@ def register(group: click.Group) -> None:
 @click.option("--winograd/--no-winograd", default=None,
               help="CPU: wide 3x3 convolutions and their gradients by Winograd [default: on; "
                    "1.1-1.2x faster; float rounding differs from oneDNN's at ~1e-5 relative]")
+@click.option("--amp", is_flag=True,
+              help="mixed precision: float16 with loss scaling on CUDA (as Darknet's CUDNN_HALF), "
+                   "bfloat16 autocast on CPU; default: float32 (without TF32 on CUDA)")
 @_friendly
 def train(data, cfg, weights, calc_map, map_every, clear, device, workers, max_batches, threads,
-          backup, seed, torch_bn, winograd):
+          backup, seed, torch_bn, winograd, amp):
     """Train CFG on the Darknet-format DATA (obj.data), like `darknet detector train`.
 
     WEIGHTS: start from these .weights (a `_last.weights` resumes at its iteration; a
@@ -49,7 +52,7 @@ def train(data, cfg, weights, calc_map, map_every, clear, device, workers, max_b
     t = Trainer(TrainOptions(data=data, cfg=cfg, weights=weights, clear=clear, device=device,
                              workers=workers, max_batches=max_batches, calc_map=calc_map,
                              map_every=map_every, backup=backup, seed=seed, threads=threads,
-                             darknet_bn=not torch_bn, winograd=winograd,
+                             darknet_bn=not torch_bn, winograd=winograd, amp=amp,
                              log=lambda m: click.echo(m, err=True)))
     click.echo(f"training {cfg}: iteration {t.iteration} -> {t.max_batches}, {t.B} images per "
                f"iteration ({t.sub} x {t.mini}), backup {t.backup}", err=True)

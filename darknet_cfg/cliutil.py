@@ -31,6 +31,32 @@ def friendly(fn):
     return wrapper
 
 
+class _OneLineErrors:
+    """Click's usage errors as one ``error: ...`` line (click prints usage, a hint and the error)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as e:
+            where = e.ctx.command_path + ": " if getattr(e, "ctx", None) is not None else ""
+            click.echo(f"error: {where}{e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class Command(_OneLineErrors, click.Command):
+    """A top-level click command whose usage errors are one line."""
+
+
+class Group(_OneLineErrors, click.Group):
+    """A click group whose usage errors (its own and its subcommands') are one line."""
+
+
 def size_options(fn):
     fn = click.option("--height", type=click.IntRange(min=1), help="override [net] height")(fn)
     fn = click.option("--width", type=click.IntRange(min=1), help="override [net] width")(fn)

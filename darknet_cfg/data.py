@@ -202,10 +202,15 @@ def _looks_readable(path: str) -> Optional[str]:
         return e.strerror or "cannot open"
     if not head:
         return "empty file"
-    if head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
-        return None
-    import cv2
-    return None if cv2.imread(path) is not None else "cannot decode image"
+    from .preprocess import ImageDecodeError, check_image_size, decode_bgr
+    try:
+        if head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+            check_image_size(path)  # header only: decoding every image would be slow
+        else:
+            decode_bgr(path)
+    except ImageDecodeError as e:
+        return str(e).split(": ", 1)[-1]
+    return None
 
 
 @dataclass
@@ -608,8 +613,10 @@ class DetectionDataset:
 
     def _read(self, i: int):
         import cv2
-        bgr = cv2.imread(self.images[i], cv2.IMREAD_COLOR)
-        if bgr is None:
+        from .preprocess import ImageDecodeError, decode_bgr
+        try:
+            bgr = decode_bgr(self.images[i], exif_orientation=True)  # as imread in Darknet
+        except (ImageDecodeError, OSError):
             return None
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 

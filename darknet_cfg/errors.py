@@ -22,6 +22,10 @@ class DarknetWeightsError(DarknetError, ValueError):
     """A .weights file that does not fit the network (or cannot be a .weights file at all)."""
 
 
+class WeightsWarning(UserWarning):
+    """A .weights file that loads but is suspicious (NaN/Inf values)."""
+
+
 def format_location(file: Optional[str], line: Optional[int], section: Optional[str] = None,
                     key: Optional[str] = None) -> str:
     """``file:line: [section] key: `` with the parts that are known."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Union
 
 from .errors import DarknetCfgError
-from .options import Options
+from .options import INT_MAX, Options
 from .reader import Cfg, read_cfg, with_net_overrides
 from .specs import (DETECTION_TYPES, SPECS, UNSUPPORTED_SECTIONS, Context, LayerSpec, NetSpec,
                     parse_net)
@@ -53,6 +53,18 @@ class NetGraph:
         return last
 
 
+def _check_sizes(o: Options, spec: LayerSpec) -> None:
+    """Darknet keeps a layer's output and weight counts in 32-bit ints; larger ones are typos."""
+    if spec.out_shape.numel > INT_MAX:
+        raise o.error(f"output {'x'.join(map(str, spec.out_shape.as_list()))} has "
+                      f"{spec.out_shape.numel} values per image, more than Darknet's limit "
+                      f"{INT_MAX} (check filters/size/stride)")
+    if spec.weight_floats > INT_MAX:
+        raise o.error(f"{spec.weight_floats} weights ({spec.weight_floats * 4 / 2**30:.0f} GiB) "
+                      f"in one layer, more than Darknet's limit {INT_MAX} (check filters/size/"
+                      "output)")
+
+
 def build_graph(cfg: Union[str, os.PathLike, Cfg], width: Optional[int] = None,
                 height: Optional[int] = None, channels: Optional[int] = None,
                 warn_unused: bool = True) -> NetGraph:
@@ -64,6 +76,9 @@ def build_graph(cfg: Union[str, os.PathLike, Cfg], width: Optional[int] = None,
         cfg = with_net_overrides(cfg, width=width, height=height, channels=channels)
     net_opts = Options(cfg.net, cfg.path)
     net = parse_net(net_opts)
+    if net.inputs > INT_MAX or net.input_shape.numel > INT_MAX:
+        raise net_opts.error(f"input {net.channels}x{net.height}x{net.width} has more than "
+                             f"{INT_MAX} values (Darknet counts them in a 32-bit int)")
     if warn_unused:
         net_opts.warn_unused()
     layers: List[LayerSpec] = []
@@ -80,6 +95,7 @@ def build_graph(cfg: Union[str, os.PathLike, Cfg], width: Optional[int] = None,
         spec = cls.parse(o, ctx)
         if spec.out_shape.numel <= 0:
             raise o.error(f"output would be empty: {spec.out_shape.as_list()}")
+        _check_sizes(o, spec)
         if warn_unused:
             o.warn_unused()
         layers.append(spec)

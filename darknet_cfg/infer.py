@@ -22,7 +22,7 @@ from .errors import DarknetError
 from .postprocess import (NMS_KINDS, Detections, HeadParams, _diou_matrix, box_iou_matrix, do_nms,
                           get_network_boxes)
 from .preprocess import detector_input, load_image
-from .runtime import keep_freed_memory
+from .runtime import exact_float32, keep_freed_memory
 
 __all__ = ["Detector", "forward_micro_batches", "nms_matrix", "COCO_NAMES", "COCO_IDS", "darknet_lines", "json_frame",
            "coco_records", "coco_image_id", "selected"]
@@ -66,6 +66,41 @@ def forward_micro_batches(model, x: torch.Tensor, micro_batch: int) -> List[torc
     return [torch.cat(o) for o in zip(*[model(c) for c in x.split(micro_batch)])]
 
 
+class CudaGraphForward:
+    """``model(x)`` replayed from a CUDA graph captured once per input shape and dtype.
+
+    A batch-1 forward of a small model is bound by kernel launches, not arithmetic; a replayed
+    graph launches them all at once. The returned tensors are the graph's static outputs:
+    consume (copy) them before the next call. Shapes are fixed per graph, so each new batch
+    size captures (and keeps) one more graph."""
+
+    def __init__(self, model, exact: bool = True, warmup: int = 3):
+        self.model, self.exact, self.warmup = model, exact, warmup
+        self.graphs: Dict[Tuple, Tuple] = {}
+
+    def _capture(self, x: torch.Tensor):
+        static_in = x.clone()
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side), exact_float32(self.exact):
+            for _ in range(self.warmup):  # cuDNN picks its algorithms outside the capture
+                self.model(static_in)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), exact_float32(self.exact):
+            static_out = self.model(static_in)
+        return graph, static_in, static_out
+
+    def __call__(self, x: torch.Tensor) -> List[torch.Tensor]:
+        key = (tuple(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(x)
+        graph, static_in, static_out = self.graphs[key]
+        static_in.copy_(x)
+        graph.replay()
+        return static_out
+
+
 class Detector:
     """Darknet's detector: ``detect(images)`` -> one post-NMS ``Detections`` per image.
 
@@ -94,7 +129,7 @@ class Detector:
                  letter_box: Optional[bool] = None, device=None, channels_last: Optional[bool] = None,
                  dtype: Optional[torch.dtype] = None, prepack: Optional[bool] = None,
                  micro_batch: Optional[int] = None,
-                 winograd: Union[bool, int] = False):
+                 winograd: Union[bool, int] = False, cuda_graph: bool = False):
         specs = model.heads
         if not specs:
             raise DarknetError(f"{os.path.basename(model.graph.path)}: no [yolo], "
@@ -126,6 +161,12 @@ class Detector:
         if micro_batch is None:
             micro_batch = CPU_MICRO_BATCH if self.device.type == "cpu" else 0
         self.micro_batch = int(micro_batch)  # 0: the whole batch at once
+        # CUDA: float32 runs without TF32 (Darknet's numbers); lower dtypes are opt-in speed
+        self.exact = self.device.type == "cuda" and self.dtype == torch.float32
+        if cuda_graph and self.device.type != "cuda":
+            raise DarknetError("cuda_graph=True needs a CUDA device")
+        self.graphs = CudaGraphForward(self.model, self.exact) if cuda_graph else None
+        self._pinned: Dict[Tuple, torch.Tensor] = {}
 
     # ---------------------------------------------------------------------------- steps
     def prepare(self, image: Image) -> Tuple[np.ndarray, Tuple[int, int]]:
@@ -136,10 +177,18 @@ class Detector:
     def forward(self, batch: np.ndarray) -> List[Dict[int, np.ndarray]]:
         """Batched forward of (N, 3, h, w) inputs; per image ``{layer: (C, H, W) float32}``."""
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        if self.device.type == "cuda":  # one pinned host buffer per shape: asynchronous copy
+            buf = self._pinned.get(x.shape)
+            if buf is None:
+                buf = self._pinned[x.shape] = torch.empty(x.shape, pin_memory=True)
+            x = buf.copy_(x).to(self.device, non_blocking=True)
         x = x.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
-        with torch.inference_mode():
-            outs = forward_micro_batches(self.model, x, self.micro_batch)
-        arrays = [o.float().cpu().contiguous().numpy() for o in outs]  # NCHW for decoding
+        with torch.inference_mode(), exact_float32(self.exact):
+            if self.graphs is not None:
+                outs = self.graphs(x)
+            else:
+                outs = forward_micro_batches(self.model, x, self.micro_batch)
+            arrays = [o.float().cpu().contiguous().numpy() for o in outs]  # NCHW for decoding
         idx = self.model.output_indices
         return [{li: a[n] for li, a in zip(idx, arrays)} for n in range(len(batch))]
 

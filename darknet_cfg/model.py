@@ -8,11 +8,40 @@ import torch
 from torch import Tensor, nn
 
 from .builder import build_layer
+from .errors import DarknetCfgError
 from .graph import NetGraph, build_graph
 from .reader import Cfg
 from .specs import DETECTION_TYPES, LayerSpec
 
 DEFAULT_HEADER = {"major": 0, "minor": 2, "revision": 5, "seen": 0}
+
+
+def available_memory(device=None) -> Optional[int]:
+    """Bytes free for new tensors on ``device`` (None if unknown)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_memory(graph: NetGraph, device=None) -> None:
+    """Refuse, before allocating, a model whose float32 parameters exceed the free memory."""
+    need = graph.total_weight_floats * 4
+    free = available_memory(device)
+    if free is not None and need > free:
+        raise DarknetCfgError(f"the model's parameters need {need / 2**30:.1f} GiB "
+                              f"({graph.total_weight_floats} floats) but only {free / 2**30:.1f} "
+                              f"GiB is free on {device or 'cpu'}", graph.path)
 
 
 class DarknetModel(nn.Module):
@@ -28,6 +57,7 @@ class DarknetModel(nn.Module):
     def __init__(self, graph: NetGraph, device: Optional[Union[str, torch.device]] = None):
         super().__init__()
         self.graph = graph
+        check_fits_in_memory(graph, device)
         built: List[nn.Module] = []
         with torch.device(device) if device is not None else _nullcontext():
             for spec in graph.layers:
@@ -99,6 +129,22 @@ class DarknetModel(nn.Module):
             return self.forward(x)
         finally:
             self.train(was)
+
+    def loss(self, head_inputs: Sequence[Tensor], targets: Tensor, seen: int = 0,
+             width: Optional[int] = None, height: Optional[int] = None):
+        """Darknet's training loss of every [yolo]/[region] layer: ``(total, stats)``.
+
+        ``head_inputs``: what ``head_inputs(x)`` (or ``model(x)`` in training mode) returns;
+        ``targets``: (M, 6) rows [image_index, class, x, y, w, h] relative to the network input;
+        ``seen``: images seen so far (Darknet's ``net.seen``, which some terms depend on).
+        ``total.backward()`` gives Darknet's gradients (-delta summed over the images); ``stats``
+        holds each layer's figures (avg IoU, class, obj, counts) as Darknet prints them.
+        ``width``/``height``: the input size when it differs from [net]'s (random resizing)."""
+        from .train import HeadLoss
+        if getattr(self, "_head_loss", None) is None:
+            self._head_loss = HeadLoss(self)
+        return self._head_loss(list(head_inputs), targets, width or self.width,
+                               height or self.height, seen)
 
     @torch.no_grad()
     def fuse(self) -> "DarknetModel":

@@ -17,6 +17,14 @@ _INT = re.compile(r"[+-]?\d+")
 _FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?(?:inf|nan)", re.I)
 
 
+INT_MIN, INT_MAX = -2 ** 31, 2 ** 31 - 1
+
+
+def _short(text: str, limit: int = 40) -> str:
+    """A value for an error message: long ones cut in the middle."""
+    return text if len(text) <= limit else f"{text[:20]}...{text[-10:]} ({len(text)} chars)"
+
+
 class CfgWarning(UserWarning):
     """Something Darknet accepts but that is probably a mistake (unused key, odd values)."""
 
@@ -53,12 +61,21 @@ class Options:
         warnings.warn(format_location(self.path, line, self.section.name, key) + message,
                       CfgWarning, stacklevel=3)
 
-    def _number(self, opt: Option, pattern, conv):
-        m = pattern.match(opt.value)
+    def _number(self, opt: Option, pattern, conv, text: Optional[str] = None):
+        text = opt.value if text is None else text
+        m = pattern.match(text)
         if not m:
-            raise DarknetCfgError(f"bad number {opt.value!r}", self.path, opt.line,
+            raise DarknetCfgError(f"bad number {text!r}", self.path, opt.line,
                                   self.section.name, opt.key)
-        return conv(m.group(0))
+        digits = m.group(0)
+        if conv is int:
+            # Darknet reads ints with atoi into a C int: beyond its range the value is undefined
+            if len(digits.lstrip("+-")) > 10 or not INT_MIN <= int(digits) <= INT_MAX:
+                raise DarknetCfgError(f"{_short(digits)} is out of range (Darknet reads a 32-bit "
+                                      f"int: {INT_MIN}..{INT_MAX})", self.path, opt.line,
+                                      self.section.name, opt.key)
+            return int(digits)
+        return conv(digits)
 
     def int(self, key: str, default: Optional[int] = None) -> int:
         opt = self._find(key)
@@ -90,11 +107,11 @@ class Options:
             items = items[:-1]  # a trailing comma adds nothing
         out = []
         for item in items:
-            m = pattern.match(item)
-            if not m:
-                raise DarknetCfgError(f"bad number {item!r} in list {opt.value!r}", self.path,
-                                      opt.line, self.section.name, key)
-            out.append(conv(m.group(0)))
+            if not pattern.match(item):
+                raise DarknetCfgError(f"bad number {_short(item)!r} in list "
+                                      f"{_short(opt.value)!r}", self.path, opt.line,
+                                      self.section.name, key)
+            out.append(self._number(opt, pattern, conv, item))
         return out
 
     def ints(self, key: str, default: Optional[Sequence[int]] = None) -> Optional[List[int]]:

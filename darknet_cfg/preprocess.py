@@ -15,12 +15,16 @@ What darknet feeds the network:
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from typing import Union
 
 import numpy as np
 
+from .errors import DarknetError
+
 __all__ = [
-    "ImageDecodeError", "load_image", "resize_image", "letterbox_image", "resize_min",
+    "ImageDecodeError", "MAX_IMAGE_PIXELS", "decode_bgr", "load_image", "resize_image", "letterbox_image", "resize_min",
     "crop_image", "classifier_input", "detector_input",
 ]
 
@@ -31,8 +35,76 @@ _ONE = np.float32(1.0)
 _BYTE_TO_FLOAT = (np.arange(256, dtype=np.float64) / 255.0).astype(np.float32)
 
 
-class ImageDecodeError(ValueError):
-    """An image file that exists but cannot be decoded."""
+class ImageDecodeError(DarknetError, ValueError):
+    """An image file that exists but cannot be decoded (or is larger than ``max_image_pixels``)."""
+
+
+# Images with more pixels than this are refused before decoding (a 100-megapixel picture already
+# takes 1.2 GB as Darknet's float32 RGB planes). Override with DARKNET_CFG_MAX_PIXELS.
+MAX_IMAGE_PIXELS = 100_000_000
+
+
+def max_image_pixels() -> int:
+    try:
+        return int(os.environ.get("DARKNET_CFG_MAX_PIXELS", MAX_IMAGE_PIXELS))
+    except ValueError:
+        return MAX_IMAGE_PIXELS
+
+
+def declared_size(path: PathLike):
+    """(width, height) from the file's header without decoding it (Pillow), or None when Pillow
+    is missing or does not know the format (OpenCV then decides)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(os.fspath(path)) as im:  # reads the header only
+                return im.size
+        except Image.DecompressionBombError as e:  # beyond twice Pillow's own limit
+            m = re.search(r"\((\d+) pixels\)", str(e))
+            return (int(m.group(1)), 1) if m else (2 ** 62, 1)
+        except Exception:  # noqa: BLE001 - unknown or broken header: let the decoder judge
+            return None
+
+
+def check_image_size(path: PathLike) -> None:
+    """ImageDecodeError when the header declares more than ``max_image_pixels()`` pixels."""
+    size = declared_size(path)
+    limit = max_image_pixels()
+    if size is not None and size[0] * size[1] > limit:
+        what = f"{size[0]}x{size[1]} pixels" if size[1] > 1 else f"{size[0]} pixels"
+        raise ImageDecodeError(f"{os.fspath(path)}: {what} is more than the limit of {limit} "
+                               "(set DARKNET_CFG_MAX_PIXELS to raise it)")
+
+
+def decode_bgr(path: PathLike, exif_orientation: bool = False) -> np.ndarray:
+    """8-bit BGR (H, W, 3) pixels of an image file, as OpenCV decodes them; every failure
+    (unknown format, damaged data, too many pixels, decoder error) is an ImageDecodeError.
+    ``exif_orientation``: rotate as the EXIF tag says (OpenCV's imread, which Darknet's OpenCV
+    training loader uses); off, pixels are as stored (stb_image, Darknet's test path)."""
+    import cv2  # only needed for decoding files
+
+    path_str = os.fspath(path)
+    check_image_size(path_str)
+    data = np.fromfile(path_str, dtype=np.uint8)  # raises FileNotFoundError for a missing file
+    flags = cv2.IMREAD_COLOR
+    if not exif_orientation:
+        flags |= getattr(cv2, "IMREAD_IGNORE_ORIENTATION", 0)
+    try:
+        bgr = cv2.imdecode(data, flags) if data.size else None
+    except cv2.error as e:  # e.g. OpenCV's own pixel limit, corrupt streams
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else "decoder error"
+        raise ImageDecodeError(f"{path_str}: cannot decode image ({msg})") from None
+    except MemoryError:
+        raise ImageDecodeError(f"{path_str}: not enough memory to decode the image") from None
+    if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3:
+        raise ImageDecodeError(f"{path_str}: cannot decode image")
+    if bgr.dtype != np.uint8:  # 16-bit files: keep the high byte, like stb_image's 8-bit load
+        bgr = (bgr >> 8).astype(np.uint8)
+    return bgr
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -58,17 +130,7 @@ def load_image(path: PathLike) -> np.ndarray:
     EXIF orientation is ignored, as stb_image ignores it. JPEG decoders differ in their
     pixels, so only lossless formats (PNG) give darknet's exact values.
     """
-    import cv2  # only needed for decoding files
-
-    path_str = os.fspath(path)
-    data = np.fromfile(path_str, dtype=np.uint8)  # raises FileNotFoundError for a missing file
-    flags = cv2.IMREAD_COLOR | getattr(cv2, "IMREAD_IGNORE_ORIENTATION", 0)
-    bgr = cv2.imdecode(data, flags) if data.size else None
-    if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3:
-        raise ImageDecodeError(f"{path_str}: cannot decode image")
-    if bgr.dtype != np.uint8:  # 16-bit files: keep the high byte, like stb_image's 8-bit load
-        bgr = (bgr >> 8).astype(np.uint8)
-    rgb = bgr[:, :, ::-1].transpose(2, 0, 1)
+    rgb = decode_bgr(path)[:, :, ::-1].transpose(2, 0, 1)
     return np.ascontiguousarray(_BYTE_TO_FLOAT[rgb])
 
 

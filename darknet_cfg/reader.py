@@ -66,6 +66,8 @@ class Cfg:
 
 def parse_cfg_text(text: str, path: str = "<cfg>") -> Cfg:
     sections: List[Section] = []
+    if text.startswith("\ufeff"):
+        text = text[1:]  # a UTF-8 byte-order mark (Windows editors); Darknet would choke on it
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = _WS.sub("", raw)
         if not line or line[0] in "#;":

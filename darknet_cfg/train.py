@@ -46,10 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .converters.weights import remove_stale_partials
 from .errors import DarknetError
 from .loss import RegionLossParams, YoloLossParams, region_loss, yolo_loss
 from .options import CfgWarning
-from .runtime import keep_freed_memory
+from .runtime import cudnn_autotune, exact_float32, keep_freed_memory
 
 __all__ = ["get_current_rate", "darknet_param_groups", "darknet_adam_params", "DarknetAdam",
            "make_optimizer", "set_rate",
@@ -304,13 +305,26 @@ class HeadLoss:
         return total, stats
 
 
-def train_step_loss(model, head_loss: HeadLoss, images, targets, seen: int):
+def train_step_loss(model, head_loss: HeadLoss, images, targets, seen: int,
+                    amp: Optional[torch.dtype] = None, scaler=None):
     """Forward + loss + backward of one mini-batch; returns darknet's network cost (mean of the
-    layer costs) and the per-layer stats."""
-    outs = model(images)
+    layer costs) and the per-layer stats. ``amp``: the network runs under autocast in that
+    dtype (float16 on CUDA, as Darknet's CUDNN_HALF; bfloat16 on CPU) and the loss in float32;
+    ``scaler``: a GradScaler for float16 gradients."""
+    with torch.autocast(images.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        outs = model(images)
+    if amp is not None:
+        outs = [o.float() for o in outs]
     total, stats = head_loss(outs, targets, images.shape[3], images.shape[2], seen)
-    total.backward()
+    (scaler.scale(total) if scaler is not None else total).backward()
     return float(np.mean([s["cost"] for s in stats])), stats
+
+
+def amp_dtype(device: torch.device, enabled: bool) -> Optional[torch.dtype]:
+    """Autocast dtype of ``--amp``: float16 on CUDA (with loss scaling), bfloat16 on CPU."""
+    if not enabled:
+        return None
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -442,6 +456,8 @@ class TrainOptions:
     channels_last: Optional[bool] = None  # None: on for CPU (oneDNN's NHWC kernels are faster)
     winograd: Optional[bool] = None  # wide 3x3 convolutions and their gradients by Winograd
     #                                  (None: on for CPU, where it is 1.1-1.2x faster)
+    amp: bool = False                # mixed precision: float16 + loss scaling on CUDA (Darknet's
+    #                                  CUDNN_HALF), bfloat16 autocast on CPU; default float32
     augment: bool = True
     log: Optional[object] = None          # callable(str) for messages; default: print to stderr
     on_iteration: Optional[object] = None  # callable(trainer, info dict) after each iteration
@@ -502,6 +518,8 @@ class Trainer:
         if (o.winograd if o.winograd is not None else True) and self.device.type == "cpu":
             self.model.winograd_training()
         self.opt = make_optimizer(self.model, self.settings)
+        self.amp = amp_dtype(self.device, o.amp)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
         # data
         if not self.data.train:
             raise DataError(f"{o.data}: no train= list")
@@ -520,6 +538,9 @@ class Trainer:
         self.dataset = DetectionDataset(scan.images, scan.labels, self.aug)
         self.backup = o.backup or self.data.backup or "backup/"
         os.makedirs(self.backup, exist_ok=True)
+        stale = remove_stale_partials(self.backup) if self.rank == 0 else []
+        for name in stale:  # leftovers of a checkpoint write that was killed
+            self.log(f"removed {os.path.join(self.backup, name)} (an interrupted write)")
         self.names = checkpoint_names(self.backup, o.cfg)
         last = model.graph.layers[-1]
         self.random = float((getattr(last, "train", None) or {}).get("random", 0) or 0)
@@ -579,7 +600,8 @@ class Trainer:
         kw = dict(num_workers=workers, collate_fn=collate, batch_sampler=sampler,
                   pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init)
         if workers > 0:
-            kw.update(persistent_workers=False, prefetch_factor=2)
+            kw.update(persistent_workers=self.device.type == "cuda",
+                      prefetch_factor=4 if self.device.type == "cuda" else 2)
             # fork() from a process that already runs threads (OpenMP, OpenCV, onnxruntime ...)
             # can deadlock the child on a lock held by a thread that does not exist there;
             # forkserver starts workers from a clean single-threaded server
@@ -594,17 +616,26 @@ class Trainer:
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
-        for s, (x, t) in enumerate(batches):
-            x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-            seen = self.iteration * self.B + (s + 1) * self.mini * self.world
-            cost, _ = train_step_loss(self.model, self.head_loss, x, t, seen)
-            total += cost
+        cuda = self.device.type == "cuda"
+        # CUDA: float32 without TF32 (Darknet's numbers) unless --amp; cuDNN autotuning; both
+        # only for the step, so the process-wide settings stay the user's
+        with exact_float32(cuda and self.amp is None), cudnn_autotune(cuda):
+            for s, (x, t) in enumerate(batches):
+                x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+                seen = self.iteration * self.B + (s + 1) * self.mini * self.world
+                cost, _ = train_step_loss(self.model, self.head_loss, x, t, seen, self.amp,
+                                          self.scaler)
+                total += cost
         if self.world > 1:
             total = _sync_gradients_and_stats(self.model, total) / self.world
         self.iteration += 1
         rate = get_current_rate(self.settings, self.iteration)
         set_rate(self.opt, rate, self.settings, self.B, self.iteration)
-        self.opt.step()
+        if self.scaler is not None:  # skips the update when a float16 gradient overflowed
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
         self.rate = rate
         loss = total / (self.sub * self.mini)
         self.avg_loss = loss if self.avg_loss < 0 else self.avg_loss * 0.9 + loss * 0.1

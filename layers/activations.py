@@ -17,19 +17,26 @@ def _mish(x: Tensor) -> Tensor:
     return F.mish(x)
 
 
+def _mish_clamp(x: Tensor) -> float:
+    """Largest exponent the one-exp mish takes: 20 (Darknet's softplus threshold), or 5 in
+    float16, where e^(2x) overflows past x = 5.5 (inf/inf would be NaN); there n / (n + 2)
+    already rounds to 1 in float16, so the result is still x * 1."""
+    return 5.0 if x.dtype == torch.float16 else 20.0
+
+
 def _mish_one_exp(x: Tensor) -> Tensor:
     """mish with one exp: tanh(log(1 + e)) = n / (n + 2), n = e * (e + 2), e = exp(x).
     Within 1e-6 relative of darknet's; 4-5x faster once compiled (one fused loop)."""
-    e = torch.exp(torch.clamp(x, max=20.0))
+    e = torch.exp(torch.clamp(x, max=_mish_clamp(x)))
     n = e * (e + 2)
-    return torch.where(x > 20, x, x * n / (n + 2))  # darknet's softplus threshold: x > 20 -> x
+    return torch.where(x > 20, x, x * (n / (n + 2)))  # darknet's softplus threshold: x > 20 -> x
 
 
 def _mish_one_exp_(x: Tensor) -> Tensor:
     """``_mish_one_exp`` computed in place on ``x`` (a temporary the caller owns), in eager
     PyTorch: 7 vectorised passes and 2 buffers, 2x faster than torch's mish (one exp instead of
     exp + log1p + tanh). x > 20: e is clamped, n / (n + 2) rounds to 1, so the result is x."""
-    e = torch.clamp(x, max=20.0).exp_()
+    e = torch.clamp(x, max=_mish_clamp(x)).exp_()
     n = e.add(2).mul_(e)
     torch.add(n, 2, out=e)
     return x.mul_(n.div_(e))

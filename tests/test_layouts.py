@@ -8,7 +8,7 @@ import torch
 from darknet_cfg import build_graph
 from darknet_cfg.converters.weights import iter_layer_tensors
 from darknet_cfg.model import DarknetModel
-from darknet_cfg.summary import summary_dict
+from darknet_cfg.layer_table import summary_dict
 
 from conftest import ORACLE, UPSTREAM_CFG, needs_shared, ok_layouts
 
@@ -56,7 +56,7 @@ def compare_layout(graph, layout):
             for k in ("scale_x_y", "new_coords", "nms_kind", "beta_nms", "ignore_thresh",
                       "iou_normalizer", "iou_loss", "iou_thresh"):
                 mine = getattr(ours, k) if hasattr(ours, k) else ours.train[k]
-                if mine != pytest.approx(p[k], rel=1e-6) and mine != p[k]:
+                if not _same_value(mine, p[k]):
                     diffs.append((i, k, mine, p[k]))
     total = sum(l.weight_floats for l in graph.layers if not l.dontload)
     if total != layout["total_weight_floats"]:
@@ -64,6 +64,20 @@ def compare_layout(graph, layout):
     if abs(graph.total_bflops - layout["total_bflops"]) > 1e-4 * layout["total_bflops"]:
         diffs.append(("total_bflops", graph.total_bflops, layout["total_bflops"]))
     return diffs
+
+
+def _same_value(mine, ref) -> bool:
+    """Numbers within 1e-6 relative (Darknet prints floats); strings and the rest exactly."""
+    numbers = (int, float)
+    if isinstance(mine, numbers) and isinstance(ref, numbers) and not isinstance(mine, bool):
+        return mine == pytest.approx(ref, rel=1e-6)
+    return mine == ref
+
+
+def test_same_value_compares_numbers_and_strings():
+    assert _same_value(0.7, 0.70000001) and not _same_value(0.7, 0.71)
+    assert _same_value("diounms", "diounms") and not _same_value("greedynms", "diounms")
+    assert not _same_value("1", 1)
 
 
 @needs_shared

@@ -110,7 +110,8 @@ def test_failed_checkpoint_write_keeps_previous_file(dataset, tmp_path, monkeypa
     with pytest.raises(OSError):
         tr.save(last)
     assert open(last, "rb").read() == before
-    assert not [f for f in os.listdir(os.path.dirname(last)) if f.startswith(".tmp-")]
+    assert not [f for f in os.listdir(os.path.dirname(last))
+                if f.startswith(".") and f.endswith(W.PARTIAL_SUFFIX)]
     monkeypatch.setattr(W, "weights_bytes_iter", real)
     m = darknet_cfg.load(cfg, last)                   # still loadable, the old iteration
     assert m.header["seen"] == 2 * 4
