@@ -40,11 +40,6 @@ def head_params(spec) -> HeadParams:
     raise ValueError(f"layer {spec.index}: [{spec.section}] has no box decoding")
 
 
-def _take(d: Detections, idx: np.ndarray) -> Detections:
-    return Detections(d.boxes[idx], d.objectness[idx], d.probs[idx], d.layer[idx], d.anchor[idx],
-                      d.anchor_id[idx], d.row[idx], d.col[idx], None if d.uc is None else d.uc[idx])
-
-
 @torch.no_grad()
 def predict(model, images: Sequence[str], thresh: float = 0.005, nms: float = 0.45,
             device=None, batch: int = 16) -> List[Detections]:
@@ -77,7 +72,7 @@ def predict(model, images: Sequence[str], thresh: float = 0.005, nms: float = 0.
                 d = get_network_boxes(o, heads, W, H, im.shape[2], im.shape[1], thresh=thresh,
                                       letter_box=lb)
                 if nms:  # do_nms, vectorised; then the order Darknet's qsorts leave its array in
-                    d = _take(nms_matrix(d, nms, kind=kind, beta_nms=beta), darknet_order(d))
+                    d = nms_matrix(d, nms, kind=kind, beta_nms=beta).take(darknet_order(d))
                 out.append(d)
     finally:
         model.train(was)
@@ -96,7 +91,8 @@ def _match(d: Detections, t: np.ndarray, iou_thresh: np.float32):
     masked = np.where(ok, iou, _F(-1))
     best = masked.argmax(axis=1)                                     # first of equal maxima
     has = ok.any(axis=1)
-    return i, c, d.probs[i, c], np.where(has, best, -1), np.where(has, iou[np.arange(len(i)), best], _F(0))
+    best_iou = np.where(has, iou[np.arange(len(i)), best], _F(0))
+    return i, c, d.probs[i, c], np.where(has, best, -1), best_iou
 
 
 def _first(keys: np.ndarray) -> np.ndarray:

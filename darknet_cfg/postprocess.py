@@ -160,6 +160,12 @@ class Detections:
     def classes(self) -> int:
         return int(self.probs.shape[1])
 
+    def take(self, idx) -> "Detections":
+        """The boxes ``idx`` (indices or a mask), in that order."""
+        return Detections(self.boxes[idx], self.objectness[idx], self.probs[idx], self.layer[idx],
+                          self.anchor[idx], self.anchor_id[idx], self.row[idx], self.col[idx],
+                          None if self.uc is None else self.uc[idx])
+
     def with_probs(self, probs: np.ndarray) -> "Detections":
         """A copy with other class probabilities (e.g. after NMS)."""
         return Detections(self.boxes.copy(), self.objectness.copy(), probs, self.layer.copy(),
