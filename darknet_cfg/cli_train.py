@@ -95,7 +95,6 @@ def map_cmd(data, cfg, weights, points, iou_thresh, thresh, device, no_coco):
         raise DataError(f"{vlist}: no usable image")
     res = evaluate_model(model, scan.images, scan.labels, d.classes, iou_thresh=iou_thresh,
                          points=int(points), thresh=thresh, device=device, coco=not no_coco)
-    click.echo(f"detections_count = {res['detections']}, unique_truth_count = {res['truths']}")
     click.echo(format_report(res, d.class_names()))
 
 

@@ -1,9 +1,11 @@
 """Detection accuracy as ``darknet detector map`` computes it (``validate_detector_map``).
 
 Per validation image: the network input as ``detector test`` makes it (darknet's resize or
-letterbox), ``get_network_boxes`` at thresh 0.005 (hier 0.5), NMS 0.45 of the last layer's kind,
-then every (box, class) with prob > 0 is a detection, matched to the same-class truth with the
-highest IoU above ``iou_thresh`` (each truth counts once, in descending-probability order).
+letterbox), ``get_network_boxes`` at thresh 0.005, NMS 0.45 of the last layer's kind; then, walking
+the boxes in the order NMS leaves Darknet's array (``postprocess.darknet_order``), every (box,
+class) with prob > 0 is a detection, matched to the same-class truth with the highest IoU above
+``iou_thresh``. At ``thresh`` a detection is a true positive only if no earlier detection of that
+image in this walk had its truth, so the walk order decides TP/FP there.
 AP per class: ``points=0`` area under the monotone PR curve (VOC2010+/ImageNet), ``points=11``
 or ``101`` interpolated recall points (VOC2007 / COCO style); precision, recall, F1, TP, FP, FN
 and average IoU at ``thresh=0.25``. ``coco_map`` adds COCO AP@[.5:.95] through pycocotools.
@@ -12,13 +14,12 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .postprocess import Detections, HeadParams, box_iou_matrix, get_network_boxes
+from .postprocess import _F, Detections, HeadParams, box_iou_matrix, darknet_order, get_network_boxes
 
 __all__ = ["head_params", "predict", "compute_map", "evaluate_model", "coco_map", "format_report",
            "draw_chart"]
@@ -42,7 +43,9 @@ def head_params(spec) -> HeadParams:
 @torch.no_grad()
 def predict(model, images: Sequence[str], thresh: float = 0.005, nms: float = 0.45,
             device=None, batch: int = 16) -> List[Detections]:
-    """Darknet's detections (after NMS) for each image path; boxes relative to the image."""
+    """Darknet's detections (after NMS) for each image path; boxes relative to the image, in
+    the order Darknet's NMS leaves them (``darknet_order``), which decides which of two
+    detections of one truth counts as the true positive at ``thresh``."""
     from .infer import nms_matrix
     from .preprocess import detector_input, load_image
     was = model.training
@@ -68,99 +71,112 @@ def predict(model, images: Sequence[str], thresh: float = 0.005, nms: float = 0.
                 o = {li: t[k].numpy() for li, t in zip(heads, outs)}
                 d = get_network_boxes(o, heads, W, H, im.shape[2], im.shape[1], thresh=thresh,
                                       letter_box=lb)
-                if nms:
-                    d = nms_matrix(d, nms, kind=kind, beta_nms=beta)  # do_nms, vectorised
+                if nms:  # do_nms, vectorised; then the order Darknet's qsorts leave its array in
+                    d = nms_matrix(d, nms, kind=kind, beta_nms=beta).take(darknet_order(d))
                 out.append(d)
     finally:
         model.train(was)
     return out
 
 
-@dataclass
-class _Det:
-    p: float
-    image: int
-    cls: int
-    truth: int     # unique truth index or -1
+def _match(d: Detections, t: np.ndarray, iou_thresh: np.float32):
+    """validate_detector_map's per-image pass: every (box, class) with prob > 0, boxes in array
+    order and classes ascending, and the same-class truth with the highest IoU > iou_thresh
+    (first on ties; -1 if none). Returns (box, class, prob, truth index in t, its IoU)."""
+    i, c = np.nonzero(d.probs > 0)
+    if len(t) == 0 or len(i) == 0:
+        return i, c, d.probs[i, c], np.full(len(i), -1), np.zeros(len(i), _F)
+    iou = box_iou_matrix(d.boxes, t[:, 1:5])[i]                     # (pairs, truths)
+    ok = (iou > iou_thresh) & (iou > 0) & (t[None, :, 0].astype(np.int64) == c[:, None])
+    masked = np.where(ok, iou, _F(-1))
+    best = masked.argmax(axis=1)                                     # first of equal maxima
+    has = ok.any(axis=1)
+    best_iou = np.where(has, iou[np.arange(len(i)), best], _F(0))
+    return i, c, d.probs[i, c], np.where(has, best, -1), best_iou
+
+
+def _first(keys: np.ndarray) -> np.ndarray:
+    """True where keys[k] >= 0 occurs for the first time."""
+    first = np.zeros(len(keys), bool)
+    u, idx = np.unique(keys, return_index=True)
+    first[idx[u >= 0]] = True
+    return first
 
 
 def compute_map(dets: Sequence[Detections], truths: Sequence[np.ndarray], classes: int,
                 iou_thresh: float = 0.5, points: int = 0, thresh: float = 0.25) -> Dict:
-    """validate_detector_map's statistics. ``truths[i]``: (n, 5) ``class, x, y, w, h``."""
-    records: List[_Det] = []
+    """validate_detector_map's statistics. ``truths[i]``: (n, 5) ``class, x, y, w, h``;
+    ``dets`` in the order Darknet's NMS leaves them (``predict``).
+
+    At ``thresh`` (Darknet's thresh_calc_avg_iou, float compares): a detection with prob >
+    thresh is a true positive if it has a truth and no EARLIER detection of the same image (in
+    the pass order above, whatever its prob) had that truth; otherwise a false positive. The
+    IoUs of the true positives are summed in float, then divided by TP + FP. AP: all detections
+    sorted by prob (stable), a truth counts once."""
+    thr, ithr = _F(thresh), _F(iou_thresh)
     truth_count = np.zeros(classes, np.int64)
-    unique = 0
-    tp_t = fp_t = 0
-    avg_iou = 0.0
     tp_c = np.zeros(classes, np.int64)
     fp_c = np.zeros(classes, np.int64)
-    for img, (d, t) in enumerate(zip(dets, truths)):
-        t = np.asarray(t, np.float32).reshape(-1, 5)
-        for c in t[:, 0].astype(np.int64):
-            if 0 <= c < classes:
-                truth_count[c] += 1
-        ious = box_iou_matrix(d.boxes, t[:, 1:5]) if len(d) and len(t) else np.zeros((len(d), len(t)), np.float32)
-        checkpoint = len(records)
-        for i in range(len(d)):
-            for c in np.flatnonzero(d.probs[i] > 0):
-                prob = float(d.probs[i, c])
-                ti, best = -1, 0.0
-                for j in range(len(t)):
-                    if ious[i, j] > iou_thresh and int(t[j, 0]) == c and ious[i, j] > best:
-                        best, ti = float(ious[i, j]), unique + j
-                records.append(_Det(prob, img, int(c), ti))
-                if prob > thresh:
-                    found = any(r.truth == ti for r in records[checkpoint:-1])
-                    if ti > -1 and not found:
-                        avg_iou += best
-                        tp_t += 1
-                        tp_c[c] += 1
-                    else:
-                        fp_t += 1
-                        fp_c[c] += 1
+    p_all, c_all, t_all, tp_ious = [], [], [], []
+    unique = 0
+    for d, t in zip(dets, truths):
+        t = np.asarray(t, _F).reshape(-1, 5)
+        tc = t[:, 0].astype(np.int64)
+        truth_count += np.bincount(tc[(tc >= 0) & (tc < classes)], minlength=classes)
+        _, c, p, ti, best = _match(d, t, ithr)
+        above = p > thr
+        tp = above & _first(ti)
+        np.add.at(tp_c, c[tp], 1)
+        np.add.at(fp_c, c[above & ~tp], 1)
+        tp_ious.append(best[tp])
+        p_all.append(p)
+        c_all.append(c)
+        t_all.append(np.where(ti >= 0, ti + unique, -1))
         unique += len(t)
-    records.sort(key=lambda r: -r.p)
-    n = len(records)
-    ap = np.zeros(classes)
+    tp_t, fp_t = int(tp_c.sum()), int(fp_c.sum())
+    # float avg_iou += max_iou, image by image: a sequential float32 sum
+    ious = np.concatenate(tp_ious) if tp_ious else np.zeros(0, _F)
+    avg_iou = np.add.accumulate(ious, dtype=_F)[-1] if len(ious) else _F(0)
+    if tp_t + fp_t:
+        avg_iou = _F(avg_iou / _F(tp_t + fp_t))
+
+    p = np.concatenate(p_all) if p_all else np.zeros(0, _F)
+    n = len(p)
+    ap = [0.0] * classes
     if n:
-        cls = np.array([r.cls for r in records])
-        used = np.zeros(unique, bool)
-        is_tp = np.zeros(n, bool)
-        for k, r in enumerate(records):
-            if r.truth >= 0 and not used[r.truth]:
-                used[r.truth] = True
-                is_tp[k] = True
+        order = np.argsort(-p, kind="stable")                        # qsort: glibc merge sort
+        cls = np.concatenate(c_all)[order]
+        is_tp = _first(np.concatenate(t_all)[order])
         for c in range(classes):
             tp = np.cumsum(is_tp & (cls == c)).astype(np.float64)
             fp = np.cumsum(~is_tp & (cls == c)).astype(np.float64)
-            fn = truth_count[c] - tp
             with np.errstate(invalid="ignore", divide="ignore"):
                 prec = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
-                rec = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
+                rec = np.where(truth_count[c] > 0, tp / truth_count[c], 0.0)
             if points == 0:
-                last_r, last_p, s = rec[-1], prec[-1], 0.0
-                for k in range(n - 2, -1, -1):
-                    s += (last_r - rec[k]) * last_p
-                    last_r = rec[k]
-                    if prec[k] > last_p:
-                        last_p = prec[k]
-                s += last_r * last_p
-                ap[c] = s
+                # from the last rank down: (recall step) x (best precision at or after it),
+                # summed in that order, then the area left of the first rank
+                best = np.maximum.accumulate(prec[::-1])[::-1]
+                terms = (rec[1:] - rec[:-1]) * best[:-1]
+                s = np.add.accumulate(terms[::-1])[-1] if len(terms) else 0.0
+                ap[c] = float(s + rec[0] * best[0])
             else:
                 s = 0.0
                 for pt in range(points):
-                    r0 = pt / (points - 1)
-                    ok = rec >= r0
-                    s += prec[ok].max() if ok.any() else 0.0
+                    ok = rec >= pt * 1.0 / (points - 1)
+                    s += max(float(prec[ok].max()), 0.0) if ok.any() else 0.0
                 ap[c] = s / points
-    precision = tp_t / (tp_t + fp_t) if tp_t + fp_t else float("nan")
-    recall = tp_t / unique if unique else float("nan")
-    f1 = 2 * precision * recall / (precision + recall) if (precision + recall) > 0 else float("nan")
-    return dict(map=float(ap.mean()) if classes else 0.0, ap=ap.tolist(), iou_thresh=iou_thresh,
-                points=points, thresh=thresh, precision=precision, recall=recall, f1=f1, tp=tp_t,
-                fp=fp_t, fn=unique - tp_t, truths=unique, detections=n,
-                avg_iou=avg_iou / (tp_t + fp_t) if tp_t + fp_t else 0.0, tp_per_class=tp_c.tolist(),
-                fp_per_class=fp_c.tolist(), truth_per_class=truth_count.tolist())
+    # Darknet's float expressions for the printed figures
+    tpf, fpf = _F(tp_t), _F(fp_t)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = tpf / (tpf + fpf)
+        recall = tpf / (tpf + _F(unique - tp_t))
+        f1 = _F(2) * precision * recall / (precision + recall)
+    return dict(map=sum(ap) / classes if classes else 0.0, ap=ap, iou_thresh=iou_thresh,
+                points=points, thresh=thresh, precision=float(precision), recall=float(recall),
+                f1=float(f1), tp=tp_t, fp=fp_t, fn=unique - tp_t, truths=unique, detections=n,
+                avg_iou=float(avg_iou), tp_per_class=tp_c.tolist(), fp_per_class=fp_c.tolist(),
+                truth_per_class=truth_count.tolist())
 
 
 def coco_map(dets: Sequence[Detections], truths: Sequence[np.ndarray], sizes: Sequence, classes: int
@@ -216,19 +232,21 @@ def evaluate_model(model, images: Sequence[str], truths: Sequence[np.ndarray], c
 
 
 def format_report(res: Dict, names: Sequence[str]) -> str:
-    lines = []
+    """validate_detector_map's printout from ``detections_count`` to the mAP line, line for
+    line (then our COCO line when ``res`` has one)."""
+    lines = [f" detections_count = {res['detections']}, unique_truth_count = {res['truths']}  "]
     for c, ap in enumerate(res["ap"]):
         name = names[c] if c < len(names) else str(c)
         lines.append(f"class_id = {c}, name = {name}, ap = {100 * ap:.2f}%   \t "
                      f"(TP = {res['tp_per_class'][c]}, FP = {res['fp_per_class'][c]}) ")
-    p, r, f1 = res["precision"], res["recall"], res["f1"]
+    p, r, f1, t = res["precision"], res["recall"], res["f1"], res["thresh"]
     lines.append("")
-    lines.append(f" for conf_thresh = {res['thresh']:.2f}, precision = {p:.2f}, recall = {r:.2f}, "
+    lines.append(f" for conf_thresh = {t:.2f}, precision = {p:.2f}, recall = {r:.2f}, "
                  f"F1-score = {f1:.2f} ")
-    lines.append(f" for conf_thresh = {res['thresh']:.2f}, TP = {res['tp']}, FP = {res['fp']}, "
-                 f"FN = {res['fn']}, average IoU = {100 * res['avg_iou']:.2f} % ")
-    kind = {0: "area-under-curve", 11: "11 recall points", 101: "101 recall points"}.get(
-        res["points"], f"{res['points']} recall points")
+    lines.append(f" for conf_thresh = {t:.2f}, TP = {res['tp']}, FP = {res['fp']}, "
+                 f"FN = {res['fn']}, average IoU = {float(_F(res['avg_iou']) * _F(100)):.2f} % ")
+    kind = (f"{res['points']} Recall-points" if res["points"]
+            else "Area-Under-Curve for each unique Recall")
     lines.append("")
     lines.append(f" IoU threshold = {100 * res['iou_thresh']:.0f} %, used {kind} ")
     lines.append(f" mean average precision (mAP@{res['iou_thresh']:.2f}) = {res['map']:.6f}, or "

@@ -20,7 +20,7 @@ import torch
 
 from .errors import DarknetError
 from .postprocess import (NMS_KINDS, Detections, HeadParams, _diou_matrix, box_iou_matrix, do_nms,
-                          get_network_boxes)
+                          get_network_boxes, nms_orders)
 from .preprocess import detector_input, load_image
 from .runtime import exact_float32, keep_freed_memory
 
@@ -224,7 +224,7 @@ def nms_matrix(dets: Detections, nms_thresh: float = 0.45, kind: str = "default"
 
     Same result bit for bit: the pair scores are the same float32 expressions (evaluated for
     all pairs at once instead of row by row), and each class still runs Darknet's greedy pass
-    (sorted by prob, a box suppresses later boxes with score > thresh unless already
+    (in ``nms_orders``'s order, a box suppresses later boxes with score > thresh unless already
     suppressed). Falls back to ``do_nms`` above ``max_boxes`` taking part (memory)."""
     if kind not in NMS_KINDS:
         raise ValueError(f"do_nms: unknown nms kind {kind!r} (expected one of {', '.join(NMS_KINDS)})")
@@ -246,12 +246,17 @@ def nms_matrix(dets: Detections, nms_thresh: float = 0.45, kind: str = "default"
         i, j = np.nonzero(over)
         exponent = 0.6 if kind == "greedynms" else float(np.float32(beta_nms))
         over[i, j] = _diou_matrix(boxes[i], boxes[j], exponent, outer=False) > th
-    # every (box, class) candidate, grouped by class and sorted by prob descending (ties keep the
-    # box order), then padded to a (classes, L) table: Darknet's per-class greedy passes run in
-    # lockstep, L = the most candidates any class has
+    # every (box, class) candidate, grouped by class in the order of Darknet's pass for that
+    # class (nms_orders: prob descending, ties as its stable qsort leaves them), then padded to
+    # a (classes, L) table: Darknet's per-class greedy passes run in lockstep, L = the most
+    # candidates any class has
     sub = probs[np.ix_(rows, classes)]                         # (n, K)
     r, c = np.nonzero(sub)
-    order = np.lexsort((r, -sub[r, c], c))
+    _, per_class = nms_orders(dets, classes)
+    rank = np.zeros((len(classes), len(dets)), np.int64)      # place in class k's pass
+    for ci, k in enumerate(classes):
+        rank[ci, per_class[k]] = np.arange(len(per_class[k]))
+    order = np.lexsort((rank[c, rows[r]], c))
     r, c = r[order], c[order]
     starts = np.searchsorted(c, np.arange(len(classes)))
     pos = np.arange(len(c)) - starts[c]

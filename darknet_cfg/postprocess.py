@@ -21,8 +21,8 @@ from typing import Mapping, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["HeadParams", "Detections", "get_network_boxes", "do_nms", "box_iou_matrix",
-           "NMS_KINDS"]
+__all__ = ["HeadParams", "Detections", "get_network_boxes", "do_nms", "nms_orders", "darknet_order",
+           "box_iou_matrix", "NMS_KINDS"]
 
 NMS_KINDS = ("default", "greedynms", "diounms", "cornersnms")
 HEAD_KINDS = ("yolo", "Gaussian_yolo", "region")
@@ -159,6 +159,12 @@ class Detections:
     @property
     def classes(self) -> int:
         return int(self.probs.shape[1])
+
+    def take(self, idx) -> "Detections":
+        """The boxes ``idx`` (indices or a mask), in that order."""
+        return Detections(self.boxes[idx], self.objectness[idx], self.probs[idx], self.layer[idx],
+                          self.anchor[idx], self.anchor_id[idx], self.row[idx], self.col[idx],
+                          None if self.uc is None else self.uc[idx])
 
     def with_probs(self, probs: np.ndarray) -> "Detections":
         """A copy with other class probabilities (e.g. after NMS)."""
@@ -427,30 +433,68 @@ def _diou_matrix(a: np.ndarray, b: np.ndarray, exponent: float, outer: bool = Tr
     return np.where(c == 0, iou, iou - u).astype(_F)
 
 
+def _active_order(objectness: np.ndarray) -> np.ndarray:
+    """The boxes that take part in NMS, in the order Darknet's swap loop leaves them: a box
+    with objectness 0 among the first ``total`` (= boxes with objectness != 0) changes place
+    with the last box with objectness != 0 not yet moved."""
+    zero = np.asarray(objectness) == 0
+    order = np.arange(len(zero))
+    total = int(len(zero) - zero.sum())
+    holes = np.flatnonzero(zero[:total])
+    order[holes] = (total + np.flatnonzero(~zero[total:]))[::-1]
+    return order[:total]
+
+
+def nms_orders(dets: Detections, classes=None):
+    """Darknet's array order during ``do_nms_sort`` / ``diounms_sort``.
+
+    Returns ``(final, per_class)``: ``per_class[k]`` lists the box indices (objectness != 0
+    only) in the order of class k's greedy pass, ``final`` the order the array is left in (the
+    order ``validate_detector_map`` and the ``-out`` writers then walk). Each class's ``qsort``
+    by ``prob[k]`` descending reorders the whole array in place, and glibc's qsort is a merge
+    sort (stable), so boxes with equal ``prob[k]`` keep the order of the previous class's sort.
+    The keys are the probabilities before NMS (class k's pass only changes ``prob[k]``).
+    ``classes``: the classes whose order is wanted in ``per_class`` (default all)."""
+    probs = dets.probs
+    want = set(range(probs.shape[1]) if classes is None else (int(k) for k in classes))
+    order = _active_order(dets.objectness)
+    per_class = {}
+    for k in range(probs.shape[1]):
+        col = probs[order, k]
+        nz = np.flatnonzero(col != 0)
+        if len(nz):  # a stable sort by -p moves the non-zero ones first, the rest keep order
+            lead = order[nz[np.argsort(-col[nz], kind="stable")]]
+            order = np.concatenate([lead, order[col == 0]])
+        if k in want:
+            per_class[k] = order
+    return order, per_class
+
+
+def darknet_order(dets: Detections) -> np.ndarray:
+    """Permutation that puts ``dets`` (before NMS) in the order Darknet's NMS leaves its array:
+    the boxes that took part, as ``nms_orders`` gives them, then those with objectness 0."""
+    final, _ = nms_orders(dets, classes=())
+    rest = np.setdiff1d(np.arange(len(dets)), final, assume_unique=True)
+    return np.concatenate([final, rest]).astype(np.int64)
+
+
 def do_nms(dets: Detections, nms_thresh: float = 0.45, kind: str = "default",
            beta_nms: float = 0.6) -> Detections:
     """Darknet's ``do_nms_sort`` (kind ``default``) / ``diounms_sort`` (other kinds).
 
     Returns a copy of ``dets`` (same order) whose ``probs`` have the suppressed entries set to 0.
-    Boxes with objectness 0 take no part. For each class k: sort by ``prob[k]`` descending;
-    each box i with ``prob[k] != 0`` zeroes ``prob[k]`` of every later box j whose score
-    exceeds ``nms_thresh`` (strict). Scores: ``default`` and ``cornersnms`` -> IoU;
-    ``greedynms`` -> ``IoU - (d²/c²)^0.6`` (darknet's box_diou, fixed exponent, beta_nms
-    ignored); ``diounms`` -> ``IoU - (d²/c²)^beta_nms``.
-
-    Darknet sorts with ``qsort`` (not stable), so the order among boxes with exactly equal
-    probabilities is unspecified there; here ties keep the input order (stable sort). Darknet
-    also leaves its array permuted; this function keeps the input order instead.
+    Boxes with objectness 0 take no part. For each class k, in the order ``nms_orders`` gives
+    (prob[k] descending, ties in the order Darknet's stable qsort leaves them): each box i with
+    ``prob[k] != 0`` zeroes ``prob[k]`` of every later box j whose score exceeds ``nms_thresh``
+    (strict). Scores: ``default`` and ``cornersnms`` -> IoU; ``greedynms`` ->
+    ``IoU - (d²/c²)^0.6`` (darknet's box_diou, fixed exponent, beta_nms ignored); ``diounms`` ->
+    ``IoU - (d²/c²)^beta_nms``. Darknet leaves its array permuted (``darknet_order``); this
+    function keeps the input order.
     """
     if kind not in NMS_KINDS:
         raise ValueError(f"do_nms: unknown nms kind {kind!r} (expected one of {', '.join(NMS_KINDS)})")
     th = _F(nms_thresh)
     probs = dets.probs.copy()
-    active = np.flatnonzero(dets.objectness != 0)  # objectness == 0 boxes are moved out first
-    if len(active) == 0:
-        return dets.with_probs(probs)
-
-    boxes = dets.boxes[active]
     if kind == "greedynms":
         exponent = 0.6  # box_diou: pow(d/c, 0.6), a double literal; beta_nms is ignored
     elif kind == "diounms":
@@ -458,14 +502,12 @@ def do_nms(dets: Detections, nms_thresh: float = 0.45, kind: str = "default",
     else:
         exponent = None  # default; cornersnms suppresses on IoU > thresh exactly like default
 
-    sub = probs[active]
-    for k in range(sub.shape[1]):
-        p = sub[:, k]
-        cand = np.flatnonzero(p != 0)  # darknet skips exactly-zero entries
-        if len(cand) < 2:
+    _, per_class = nms_orders(dets)
+    for k, order in per_class.items():
+        order = order[probs[order, k] != 0]  # darknet skips exactly-zero entries
+        if len(order) < 2:
             continue
-        order = cand[np.argsort(-p[cand], kind="stable")]  # prob descending, ties stable
-        cb = boxes[order]
+        cb = dets.boxes[order]
         alive = np.ones(len(order), dtype=bool)
         for i in range(len(order) - 1):
             if not alive[i]:  # an already-suppressed box does not suppress
@@ -478,7 +520,5 @@ def do_nms(dets: Detections, nms_thresh: float = 0.45, kind: str = "default",
             else:
                 score = _diou_matrix(cb[i:i + 1], cb[later], exponent)[0]
             alive[later[score > th]] = False
-        p[order[~alive]] = 0
-        sub[:, k] = p
-    probs[active] = sub
+        probs[order[~alive], k] = 0
     return dets.with_probs(probs)

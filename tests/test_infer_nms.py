@@ -49,3 +49,68 @@ def test_paired_diou_equals_outer_entries():
         np.testing.assert_array_equal(_diou_matrix(b[i], b[j], e, outer=False), full[i, j])
         iou = box_iou_matrix(b, b)
         assert not np.any(full > iou)
+
+
+def _darknet_nms_literal(dets, thresh):
+    """do_nms_sort written out as Darknet runs it: the objectness-0 swap loop, then per class
+    an in-place stable sort of the whole array (glibc's qsort is a merge sort) and the greedy
+    pass. Returns (probs after NMS, final array order)."""
+    from darknet_cfg.postprocess import box_iou_matrix
+    iou = box_iou_matrix(dets.boxes, dets.boxes)  # box_iou(a, b) of every pair
+    arr = list(range(len(dets)))
+    probs = dets.probs.copy()
+    k = len(arr) - 1
+    i = 0
+    while i <= k:
+        if dets.objectness[arr[i]] == 0:
+            arr[i], arr[k] = arr[k], arr[i]
+            k -= 1
+            i -= 1
+        i += 1
+    total = k + 1
+    for c in range(probs.shape[1]):
+        head = sorted(arr[:total], key=lambda b: -dets.probs[b, c])  # pre-NMS prob[c]: unchanged
+        arr[:total] = head
+        for a in range(total):
+            if probs[arr[a], c] == 0:
+                continue
+            for b in range(a + 1, total):
+                if iou[arr[a], arr[b]] > np.float32(thresh):
+                    probs[arr[b], c] = 0
+    return probs, arr
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ties_and_final_order_as_darknets_in_place_sorts(seed):
+    """Equal probabilities are common here (3 values): which of two tied overlapping boxes
+    survives follows the order the previous classes' sorts left, as in Darknet."""
+    from darknet_cfg.postprocess import box_iou_matrix, darknet_order
+    rng = np.random.default_rng(seed)
+    n, c = 60, 4
+    xy = rng.uniform(0.3, 0.7, (n, 2))
+    boxes = np.concatenate([xy, rng.uniform(0.2, 0.4, (n, 2))], axis=1).astype(np.float32)
+    probs = np.where(rng.random((n, c)) < 0.5, rng.choice([0.3, 0.5, 0.7], (n, c)), 0).astype(np.float32)
+    obj = np.where(rng.random(n) < 0.15, 0, 1).astype(np.float32)
+    z = np.zeros(n, np.int64)
+    dets = Detections(boxes, obj, probs, z, z, z, z, z)
+    want, order = _darknet_nms_literal(dets, 0.45)
+    np.testing.assert_array_equal(do_nms(dets, 0.45).probs, want)
+    np.testing.assert_array_equal(nms_matrix(dets, 0.45).probs, want)
+    got = darknet_order(dets)
+    total = int((obj != 0).sum())
+    assert list(got[:total]) == order[:total]
+    assert sorted(got[total:]) == sorted(order[total:])
+    # the old rule (ties in input order) differs on these inputs: the test can tell them apart
+    if seed == 0:
+        iou = box_iou_matrix(boxes, boxes)
+        alt = probs.copy()
+        for k in range(c):
+            cand = [b for b in np.argsort(-probs[:, k], kind="stable") if probs[b, k] and obj[b]]
+            for a_i, a in enumerate(cand):
+                if alt[a, k] == 0:
+                    continue
+                for b in cand[a_i + 1:]:
+                    if iou[a, b] > np.float32(0.45):
+                        alt[b, k] = 0
+        assert not np.array_equal(alt, want)
+

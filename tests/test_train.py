@@ -189,7 +189,7 @@ def test_cli_synth_train_map(tmp_path):
     assert (backup / "mini_best.weights").is_file() and (backup / "chart.png").is_file()
     r = CliRunner().invoke(main, ["map", data, cfg, str(backup / "mini_final.weights"), "-points", "11"])
     assert r.exit_code == 0, r.output
-    assert "mean average precision (mAP@0.50)" in r.output and "used 11 recall points" in r.output
+    assert "mean average precision (mAP@0.50)" in r.output and "used 11 Recall-points" in r.output  # Darknet's wording
     r = CliRunner().invoke(main, ["train", data, str(tmp_path / "missing.cfg")])
     assert r.exit_code != 0
 
