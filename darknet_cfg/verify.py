@@ -245,14 +245,16 @@ class Report:
             if self.unreadable:
                 parts.append(f"Darknet could not read {len(self.unreadable)} images")
             return "verdict: MISMATCH: " + "; ".join(parts) + tail
-        msg = f"verdict: AGREE: {titles} give{'s' if len(engines) == 1 else ''} Darknet's results on all {n} images within " \
-              f"{self.atol:g}"
+        exact = n - len(noise)
+        msg = f"verdict: AGREE: {titles} give{'s' if len(engines) == 1 else ''} Darknet's " \
+              f"results on {'all ' if not noise else ''}{exact}{f' of {n}' if noise else ''} " \
+              f"images within {self.atol:g}"
         if border:
             msg += f" ({border} borderline detections within {BORDERLINE:g} of the threshold)"
         if noise:
-            msg += (f"; {len(noise)} JPEG images differ only within JPEG-decoder noise (Darknet "
-                    f"decodes with {self.darknet.get('decoder', 'another decoder')}): use PNG for "
-                    "exact checks")
+            msg += (f"; the other {len(noise)} (JPEG) differ only within JPEG-decoder noise "
+                    f"(Darknet decodes with {self.darknet.get('decoder', 'another decoder')}): "
+                    "use PNG for exact checks")
         return msg + tail
 
     def to_json(self) -> dict:
