@@ -118,9 +118,10 @@ def convert(ctx, cfg, weights, output, width, height, partial):
 
 def _register_subcommands() -> None:
     """Inference and training commands live in their own modules (cli_infer, cli_train)."""
-    from . import cli_infer, cli_train
+    from . import cli_infer, cli_train, cli_zoo
     cli_infer.register(main)
     cli_train.register(main)
+    cli_zoo.register(main)
 
 
 _register_subcommands()

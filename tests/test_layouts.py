@@ -56,7 +56,8 @@ def compare_layout(graph, layout):
             for k in ("scale_x_y", "new_coords", "nms_kind", "beta_nms", "ignore_thresh",
                       "iou_normalizer", "iou_loss", "iou_thresh"):
                 mine = getattr(ours, k) if hasattr(ours, k) else ours.train[k]
-                if mine != pytest.approx(p[k], rel=1e-6) and mine != p[k]:
+                same = mine == p[k] if isinstance(p[k], str) else mine == pytest.approx(p[k], rel=1e-6)
+                if not same:
                     diffs.append((i, k, mine, p[k]))
     total = sum(l.weight_floats for l in graph.layers if not l.dontload)
     if total != layout["total_weight_floats"]:
