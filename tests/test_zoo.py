@@ -24,12 +24,11 @@ from test_layouts import compare_layout
 _NUM = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
-def _graph(text_or_path, name="gen"):
+def _graph(source, name="gen"):
+    """Graph of cfg text (a str) or of a cfg file (a Path), warnings silenced."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        src = text_or_path if os.path.isabs(str(text_or_path)) else parse_cfg_text(text_or_path,
-                                                                                   name)
-        return build_graph(src)
+        return build_graph(parse_cfg_text(source, name) if isinstance(source, str) else source)
 
 
 def _value(v: str):
@@ -160,7 +159,7 @@ def test_scale_cli_writes_nothing_on_error_and_a_cfg_otherwise(tmp_path):
                                   "--size", "256", "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert "38 layers" in r.stderr
-    g = _graph(str(out))
+    g = _graph(out)
     assert (g.net.width, g.layers[-1].classes) == (256, 2)
 
 
