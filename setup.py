@@ -16,7 +16,8 @@ setup(
     version="0.1.0",
     description="Darknet-compatible cfg interpreter and .weights converter for PyTorch",
     python_requires=">=3.9",
-    packages=["darknet_cfg", "darknet_cfg.layers", "darknet_cfg.converters", "darknet_cfg.cfg"],
+    packages=["darknet_cfg", "darknet_cfg.zoo", "darknet_cfg.layers", "darknet_cfg.converters",
+              "darknet_cfg.cfg"],
     package_dir={
         "darknet_cfg": "darknet_cfg",
         "darknet_cfg.layers": "layers",

@@ -120,12 +120,12 @@ def convert(ctx, cfg, weights, output, width, height, partial, strict_finite):
 
 
 def _register_subcommands() -> None:
-    """Inference, training and verify commands live in their own modules (cli_infer, cli_train,
-    cli_verify)."""
-    from . import cli_infer, cli_train, cli_verify
+    """The other commands live in their own modules (cli_infer, cli_train, cli_verify, cli_zoo)."""
+    from . import cli_infer, cli_train, cli_verify, cli_zoo
     cli_infer.register(main)
     cli_train.register(main)
     cli_verify.register(main)
+    cli_zoo.register(main)
 
 
 _register_subcommands()

@@ -29,10 +29,12 @@ class Option:
 
 @dataclass
 class Section:
-    """One ``[name]`` block. ``name`` has no brackets; ``options`` keep file order and duplicates."""
+    """One ``[name]`` block. ``name`` has no brackets; ``options`` keep file order and duplicates.
+    ``comment``: a line ``write_cfg`` puts above the section (generated cfgs; never parsed)."""
     name: str
     line: int
     options: List[Option] = field(default_factory=list)
+    comment: str = ""
 
     def get(self, key: str) -> Optional[Option]:
         """First occurrence of ``key`` (Darknet: first duplicate key wins)."""
@@ -95,15 +97,25 @@ def parse_cfg_text(text: str, path: str = "<cfg>") -> Cfg:
 
 
 def read_cfg(source: Union[str, os.PathLike, Cfg]) -> Cfg:
-    """Read a cfg from a path (or pass a ``Cfg`` through)."""
+    """Read a cfg from a path (or pass a ``Cfg`` through). A bare name that is not a file but
+    is a preset (``yolov4-csp.cfg``, ``yolov4-p6``) reads the generated preset; a file wins."""
     if isinstance(source, Cfg):
         return source
     path = os.fspath(source)
+    if not os.path.exists(path):  # a built-in preset name (darknet_cfg.zoo) in place of a file
+        from .zoo import preset_text
+        text = preset_text(path)
+        if text is not None:
+            return parse_cfg_text(text, path)
     try:
         with open(path, "r", encoding="utf-8", errors="replace") as f:
             text = f.read()
     except OSError as e:
-        raise DarknetCfgError(f"cannot read cfg: {e.strerror}", path) from None
+        hint = ""
+        if not os.path.dirname(path) and not os.path.exists(path):
+            from .zoo import PRESETS
+            hint = f" (nor a built-in preset: {', '.join(PRESETS)})"
+        raise DarknetCfgError(f"cannot read cfg: {e.strerror}{hint}", path) from None
     return parse_cfg_text(text, path)
 
 
@@ -115,6 +127,8 @@ def write_cfg(cfg: Cfg) -> str:
     for i, sec in enumerate(cfg.sections):
         if i:
             lines.append("")
+        if sec.comment:
+            lines.append(f"# {sec.comment}")
         lines.append(f"[{sec.name}]")
         for key, value in sec.values().items():
             lines.append(f"{key}={value}")
