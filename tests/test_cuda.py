@@ -199,3 +199,20 @@ def test_training_on_cuda(amp, tmp_path):
     assert res["iteration"] == 3 and np.isfinite(res["avg_loss"])
     m = darknet_cfg.load(tr.o.cfg, tr.names["final"])
     assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_half_precision_stays_finite_on_cpu():
+    """float16 guards that the GPU run exposed: the one-exp mish overflowed (inf/inf) above
+    x = 5.5 and max-pool padding used -FLT_MAX, which float16 cannot hold."""
+    from darknet_cfg.layers.activations import _mish_one_exp, _mish_one_exp_
+    x = torch.linspace(-30, 60, 2001)
+    for dtype in (torch.float16, torch.bfloat16):
+        ref = torch.nn.functional.mish(x.to(dtype)).double()
+        for fn in (_mish_one_exp, lambda t: _mish_one_exp_(t.clone())):
+            y = fn(x.to(dtype)).double()
+            assert torch.isfinite(y).all()
+            assert float(((y - ref).abs() / (ref.abs() + 1e-2)).max()) < 2e-2
+    from darknet_cfg.layers.pooling import MaxPool
+    pool = MaxPool(2, 1, 1, 1, False, 4)  # yolov3-tiny: one padding column, right only
+    y = pool(torch.full((1, 4, 5, 5), -60000.0).half())
+    assert torch.isfinite(y).all() and y.dtype == torch.float16
