@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=["infer", "e2e", "train"], default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--train-modes", default="fp32,amp", help="training modes to run")
     args = ap.parse_args(argv)
     import torch
     if not torch.cuda.is_available():
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     if args.only in (None, "e2e"):
         results["e2e"] = bench_e2e(cfg_dir, args.quick)
     if args.only in (None, "train"):
-        results["train"] = bench_train(cfg_dir, gpu, args.quick)
+        results["train"] = bench_train(cfg_dir, gpu, args.quick, args.train_modes.split(","))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
@@ -184,7 +185,7 @@ def _train_cfg(src: Path, size: int, batch: int, tmp: Path) -> str:
     return str(out)
 
 
-def bench_train(cfg_dir: Path, gpu: str, quick: bool):
+def bench_train(cfg_dir: Path, gpu: str, quick: bool, modes=("fp32", "amp")):
     import torch
     from darknet_cfg.synth import make_synthetic
     from darknet_cfg.train import Trainer, TrainOptions
@@ -192,7 +193,7 @@ def bench_train(cfg_dir: Path, gpu: str, quick: bool):
     tmp = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
     rows = []
     print("\ntraining (images/s; MFU = 3 x forward FLOPs / dense peak of the precision)")
-    print(f"{'model':<18}{'batch':>6}{'mode':>6}{'model fwd+bwd':>16}{'Darknet step':>16}"
+    print(f"{'model':<18}{'batch':>6}{'mode':>10}{'model fwd+bwd':>16}{'Darknet step':>16}"
           f"{'e2e (loader)':>16}{'e2e/step':>9}{'peak GB':>9}")
     for name, size, batch in (("yolov4-tiny", 416, 64), ("yolov4-csp", 512, 32)):
         data = make_synthetic(tmp / f"synth{size}", images=2 * batch, classes=8, size=size,
@@ -200,7 +201,7 @@ def bench_train(cfg_dir: Path, gpu: str, quick: bool):
         obj = Path(data["data"])  # 8 shapes labelled as 8 of the cfg's 80 classes
         obj.write_text(re.sub(r"(?m)^classes = \d+", "classes = 80", obj.read_text()))
         cfg = _train_cfg(cfg_dir / f"{name}.cfg", size, batch, tmp)
-        for amp in (False, True):
+        for amp in [m == "amp" for m in modes]:
             torch.manual_seed(0)
             workers = min(12, max(1, (os.cpu_count() or 2) - 2))
             tr = Trainer(TrainOptions(data=data["data"], cfg=cfg, device="cuda", amp=amp,
@@ -228,7 +229,8 @@ def bench_train(cfg_dir: Path, gpu: str, quick: bool):
                 tr.train_iteration([next(loader)])
             torch.cuda.synchronize()
             t_e2e = (time.perf_counter() - t0) / n
-            row = dict(model=f"{name}@{size}", batch=batch, amp=amp,
+            nhwc = tr.memory_format == torch.channels_last
+            row = dict(model=f"{name}@{size}", batch=batch, amp=amp, channels_last=nhwc,
                        model_images_per_s=batch / t_model, step_images_per_s=batch / t_step,
                        e2e_images_per_s=batch / t_e2e,
                        mfu_model=(batch / t_model * flops / (peak * 1e12)) if peak else None,
@@ -238,7 +240,8 @@ def bench_train(cfg_dir: Path, gpu: str, quick: bool):
 
             def cell(ips, mfu):
                 return f"{ips:>9.0f}" + (f" {100 * mfu:>3.0f}%" if mfu is not None else "")
-            print(f"{row['model']:<18}{batch:>6}{'amp' if amp else 'fp32':>6}"
+            mode = ("amp" if amp else "fp32") + ("/NHWC" if nhwc else "")
+            print(f"{row['model']:<18}{batch:>6}{mode:>10}"
                   f"{cell(row['model_images_per_s'], row['mfu_model']):>16}"
                   f"{cell(row['step_images_per_s'], row['mfu_step']):>16}"
                   f"{row['e2e_images_per_s']:>16.0f}"

@@ -454,6 +454,7 @@ class TrainOptions:
     threads: Optional[int] = None
     darknet_bn: bool = True
     channels_last: Optional[bool] = None  # None: on for CPU (oneDNN's NHWC kernels are faster)
+    #                                       and for --amp on CUDA (tensor cores)
     winograd: Optional[bool] = None  # wide 3x3 convolutions and their gradients by Winograd
     #                                  (None: on for CPU, where it is 1.1-1.2x faster)
     amp: bool = False                # mixed precision: float16 + loss scaling on CUDA (Darknet's
@@ -511,7 +512,9 @@ class Trainer:
             _broadcast_module(self.model)
         if self.device.type == "cpu":
             keep_freed_memory()  # see runtime.py: no page faults for the batch's activations
-        cl = o.channels_last if o.channels_last is not None else self.device.type == "cpu"
+        # channels_last: oneDNN's NHWC kernels on CPU; tensor cores with --amp on CUDA
+        cl = o.channels_last if o.channels_last is not None else \
+            (self.device.type == "cpu" or (self.device.type == "cuda" and o.amp))
         self.memory_format = torch.channels_last if cl else torch.contiguous_format
         if cl:
             self.model.to(memory_format=torch.channels_last)
