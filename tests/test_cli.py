@@ -1,5 +1,6 @@
 """darknet2torch, torch2darknet and darknet-cfg summary/partial, as a user runs them."""
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -119,6 +120,9 @@ def test_summary_json_matches_darknet_layout():
 
 
 def test_console_scripts_installed():
+    bindir = os.path.dirname(sys.executable)  # the scripts of this environment, else PATH's
     for exe in ("darknet2torch", "torch2darknet", "darknet-cfg"):
-        out = subprocess.run([exe, "--help"], capture_output=True, text=True)
+        local = os.path.join(bindir, exe)
+        out = subprocess.run([local if os.path.isfile(local) else exe, "--help"],
+                             capture_output=True, text=True)
         assert out.returncode == 0 and "Usage" in out.stdout

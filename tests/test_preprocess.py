@@ -14,7 +14,8 @@ def _oracle_dirs():
     dirs = [ORACLE / "models" / n for n in model_names()]
     q = ORACLE / "quirks"
     if q.is_dir():
-        dirs += sorted(p for p in q.iterdir() if p.is_dir())
+        # quirk cases without a forward oracle (README and Darknet's output only) have no input
+        dirs += sorted(p for p in q.iterdir() if (p / "meta.json").is_file())
     return dirs
 
 
