@@ -55,7 +55,7 @@ from .runtime import cudnn_autotune, exact_float32, keep_freed_memory
 __all__ = ["get_current_rate", "darknet_param_groups", "darknet_adam_params", "DarknetAdam",
            "make_optimizer", "set_rate",
            "use_darknet_batchnorm", "HeadLoss", "train_step_loss", "Trainer", "TrainOptions",
-           "images_per_iteration", "checkpoint_names"]
+           "images_per_iteration", "checkpoint_names", "DarknetEMA"]
 
 
 # ----------------------------------------------------------------------------- LR schedule
@@ -266,6 +266,72 @@ def use_darknet_batchnorm(model: nn.Module, enabled: bool = True) -> nn.Module:
     return model
 
 
+# -------------------------------------------------------------------------------------- EMA
+class DarknetEMA:
+    """Darknet's ``ema_alpha`` (``train_network_waitkey`` after ``update_network``, network.c).
+
+    With ``cur`` the iteration just finished (after its update), ``start = max_batches/2`` and
+    ``apply = max_batches - 1000`` (integer arithmetic)::
+
+        if ema_alpha and cur >= start:
+            if no EMA weight is non-zero: ema = 0*ema + 1*W      # ema_update(net, 0): a copy
+            if cur == apply:   W = ema                          # ema_apply, once
+            elif cur < apply:  ema = alpha*ema + (1-alpha)*W    # ema_update(net, alpha)
+
+    for the [convolutional] layers only (not shared ones): ``weights``, ``biases`` (the BN shift
+    of a batch-normalised one) and BN ``scales``; never the rolling mean/variance (darknet's
+    comment says they would need recomputing; it does not). Nothing else reads the EMA: mAP
+    during training and every checkpoint use the live weights, which ARE the average from
+    ``apply`` on (training continues from it for the last 1000 iterations). So a run with
+    ``max_batches < 2000`` never applies it (``apply < start``): the EMA is only initialised.
+    Arithmetic in float32 as darknet's: ``alpha*ema`` and ``(1-alpha)*W`` rounded, then added."""
+
+    def __init__(self, model: nn.Module, alpha: float):
+        from .layers.conv import ConvBnAct
+        self.alpha = float(np.float32(alpha))
+        self.one_minus = float(np.float32(1) - np.float32(alpha))  # darknet: float (1 - ema_alpha)
+        self.tensors: List[torch.Tensor] = []   # weights first (is_ema_initialized reads them)
+        rest: List[torch.Tensor] = []
+        for m in getattr(model, "layers", []):
+            if isinstance(m, ConvBnAct) and m._shared is None:
+                self.tensors.append(m.conv.weight)
+                rest += [m.bn.bias, m.bn.weight] if m.bn is not None else [m.conv.bias]
+        self.n_weights = len(self.tensors)
+        self.tensors += [t for t in rest if t is not None]
+        self.ema: Optional[List[torch.Tensor]] = None
+
+    def initialized(self) -> bool:
+        """darknet's is_ema_initialized: some conv weights_ema value is non-zero."""
+        return self.ema is not None and any(bool(e.ne(0).any()) for e in self.ema[:self.n_weights])
+
+    @torch.no_grad()
+    def update(self, alpha: float, one_minus: float) -> None:
+        if self.ema is None:
+            self.ema = [torch.zeros_like(t) for t in self.tensors]   # darknet: xcalloc
+        for e, t in zip(self.ema, self.tensors):
+            torch.add(e * alpha, t.detach() * one_minus, out=e)
+
+    @torch.no_grad()
+    def step(self, cur: int, max_batches: int) -> Optional[str]:
+        """Darknet's EMA step after iteration ``cur``: None (nothing), "init" (the copy, then
+        the first update), "update" or "apply"."""
+        start, apply_at = max_batches // 2, max_batches - 1000
+        if not self.alpha or cur < start:
+            return None
+        did = None
+        if not self.initialized():
+            self.update(0.0, 1.0)
+            did = "init"
+        if cur == apply_at:
+            for e, t in zip(self.ema, self.tensors):
+                t.copy_(e)
+            return "apply"
+        if cur < apply_at:
+            self.update(self.alpha, self.one_minus)
+            return did or "update"
+        return did
+
+
 # ------------------------------------------------------------------------------------- loss
 class HeadLoss:
     """Darknet's loss of every detection layer of ``model`` (built once from the specs)."""
@@ -393,7 +459,7 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-UNSUPPORTED_NET = {"cutmix": 0, "contrastive": 0, "track": 0, "ema_alpha": 0.0, "dynamic_minibatch": 0,
+UNSUPPORTED_NET = {"cutmix": 0, "contrastive": 0, "track": 0, "dynamic_minibatch": 0,
                    "adversarial_lr": 0.0, "attention": 0, "unsupervised": 0}
 # why a key is ignored, where darknet ignores it too
 _UNSUPPORTED_WHY = {"cutmix": "darknet's detector ignores it too: CutMix is for classifiers "
@@ -523,6 +589,7 @@ class Trainer:
         self.opt = make_optimizer(self.model, self.settings)
         self.amp = amp_dtype(self.device, o.amp)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
+        self.ema = DarknetEMA(self.model, float(self.settings.get("ema_alpha") or 0.0))
         # data
         if not self.data.train:
             raise DataError(f"{o.data}: no train= list")
@@ -639,6 +706,9 @@ class Trainer:
             self.scaler.update()
         else:
             self.opt.step()
+        did = self.ema.step(self.iteration, self.max_batches)
+        if did in ("init", "apply"):
+            self.log(f"iteration {self.iteration}: EMA {'initialised' if did == 'init' else 'applied'}")
         self.rate = rate
         loss = total / (self.sub * self.mini)
         self.avg_loss = loss if self.avg_loss < 0 else self.avg_loss * 0.9 + loss * 0.1
