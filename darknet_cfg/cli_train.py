@@ -39,20 +39,34 @@ def register(group: click.Group) -> None:
 @click.option("--amp", is_flag=True,
               help="mixed precision: float16 with loss scaling on CUDA (as Darknet's CUDNN_HALF), "
                    "bfloat16 autocast on CPU; default: float32 (without TF32 on CUDA)")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="override a [net] key, or a [yolo] key on every head (yolo.KEY=VALUE to be "
+                   "explicit); checked and warned like the cfg; repeatable")
+@click.option("--finetune-at", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="staged augmentation: switch to the fine-tuning settings at this fraction of "
+                   "max_batches (<= 1) or at this iteration (> 1)")
+@click.option("--finetune-set", "finetune_sets", multiple=True, metavar="KEY=VALUE",
+              help="a setting of the fine-tuning stage (like --set), e.g. mosaic=1; repeatable")
+@click.option("--finetune-cfg", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="take the fine-tuning stage's settings from this cfg (same layers)")
 @_friendly
 def train(data, cfg, weights, calc_map, map_every, clear, device, workers, max_batches, threads,
-          backup, seed, torch_bn, winograd, amp):
+          backup, seed, torch_bn, winograd, amp, sets, finetune_at, finetune_sets, finetune_cfg):
     """Train CFG on the Darknet-format DATA (obj.data), like `darknet detector train`.
 
     WEIGHTS: start from these .weights (a `_last.weights` resumes at its iteration; a
     `darknet-cfg partial` backbone starts at 0). Checkpoints go to the backup folder:
     <cfg>_last.weights (every 100 iterations), <cfg>_<N>.weights (every 1000), <cfg>_best.weights
-    (with --map), <cfg>_final.weights."""
+    (with --map), <cfg>_final.weights. With --finetune-at: <cfg>_stage1.weights (the end of the
+    first stage) and <cfg>_finetune.cfg (the second stage's settings); chart.png marks the
+    switch."""
     from .train import Trainer, TrainOptions
     t = Trainer(TrainOptions(data=data, cfg=cfg, weights=weights, clear=clear, device=device,
                              workers=workers, max_batches=max_batches, calc_map=calc_map,
                              map_every=map_every, backup=backup, seed=seed, threads=threads,
                              darknet_bn=not torch_bn, winograd=winograd, amp=amp,
+                             sets=tuple(sets), finetune_at=finetune_at,
+                             finetune_sets=tuple(finetune_sets), finetune_cfg=finetune_cfg,
                              log=lambda m: click.echo(m, err=True)))
     click.echo(f"training {cfg}: iteration {t.iteration} -> {t.max_batches}, {t.B} images per "
                f"iteration ({t.sub} x {t.mini}), backup {t.backup}", err=True)

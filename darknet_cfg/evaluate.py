@@ -260,8 +260,10 @@ def format_report(res: Dict, names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def draw_chart(path: str, loss_history, map_history, max_batches: int, max_loss: float = 20.0) -> None:
-    """Darknet-style chart: loss (blue) and mAP % (red) against iteration; matplotlib if present,
+def draw_chart(path: str, loss_history, map_history, max_batches: int, max_loss: float = 20.0,
+               marks=()) -> None:
+    """Darknet-style chart: loss (blue) and mAP % (red) against iteration; ``marks``: (iteration,
+    label) pairs drawn as vertical lines (e.g. the start of fine-tuning); matplotlib if present,
     otherwise drawn with OpenCV."""
     its = [i for i, _ in loss_history]
     losses = [l for _, l in loss_history]
@@ -279,6 +281,9 @@ def draw_chart(path: str, loss_history, map_history, max_batches: int, max_loss:
             ax2.plot([i for i, _ in map_history], [100 * m for _, m in map_history], "r.-", label="mAP%")
         ax2.set_ylim(0, 100)
         ax2.set_ylabel("mAP@0.5 %")
+        for i, label in marks:
+            ax.axvline(i, color="g", ls="--", lw=1)
+            ax.text(i, ax.get_ylim()[1], f" {label} ({i})", color="g", va="top", fontsize=9)
         fig.savefig(path + ".tmp.png", dpi=80)
         plt.close(fig)
         os.replace(path + ".tmp.png", path)
@@ -300,6 +305,10 @@ def draw_chart(path: str, loss_history, map_history, max_batches: int, max_loss:
         cv2.polylines(img, [mp], False, (0, 0, 255), 2, cv2.LINE_AA)
     for p in mp:
         cv2.circle(img, tuple(int(v) for v in p), 3, (0, 0, 255), -1)
+    for i, label in marks:
+        cv2.line(img, (X(i), m // 2), (X(i), Hc - m), (0, 160, 0), 1, cv2.LINE_AA)
+        cv2.putText(img, f"{label} ({i})", (X(i) + 4, m // 2 + 15), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                    (0, 160, 0), 1)
     cv2.putText(img, f"loss (blue, 0..{top:.2f})  mAP% (red, 0..100)", (m, Hc - 20),
                 cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1)
     cv2.putText(img, f"iteration 0..{max_batches}", (Wc - 250, Hc - 40), cv2.FONT_HERSHEY_SIMPLEX, 0.5,

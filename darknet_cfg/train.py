@@ -526,6 +526,11 @@ class TrainOptions:
     amp: bool = False                # mixed precision: float16 + loss scaling on CUDA (Darknet's
     #                                  CUDNN_HALF), bfloat16 autocast on CPU; default float32
     augment: bool = True
+    sets: Tuple[str, ...] = ()            # --set key=value overrides of the cfg (overrides.py)
+    finetune_at: Optional[float] = None   # staged augmentation: <= 1 a fraction of max_batches,
+    #                                       > 1 an iteration; then finetune_cfg/finetune_sets apply
+    finetune_sets: Tuple[str, ...] = ()
+    finetune_cfg: Optional[str] = None
     log: Optional[object] = None          # callable(str) for messages; default: print to stderr
     on_iteration: Optional[object] = None  # callable(trainer, info dict) after each iteration
     history: List[Dict] = field(default_factory=list)
@@ -550,7 +555,9 @@ class Trainer:
         self.log = log if self.rank == 0 else (lambda m: None)
         torch.manual_seed(o.seed)
         self.data = read_data_file(o.data)
-        model = build_model(o.cfg)
+        from .overrides import apply_sets
+        from .reader import read_cfg
+        model = build_model(apply_sets(read_cfg(o.cfg), o.sets))
         self.net = model.graph.net
         self.settings = dict(self.net.settings)
         if o.max_batches is not None:
@@ -620,9 +627,77 @@ class Trainer:
         self.best_map = -1.0
         self.map_history: List[Tuple[int, float]] = []
         self.loss_history: List[Tuple[int, float]] = []
+        self.finetune_iteration: Optional[int] = None
+        self.switched_at: Optional[int] = None
+        if o.finetune_at is not None or o.finetune_cfg or o.finetune_sets:
+            self._prepare_finetune()
 
     def _warn(self, msg: str) -> None:
         self.log(f"warning: {msg}")
+
+    # ------------------------------------------------------------- staged augmentation
+    def _prepare_finetune(self) -> None:
+        """Parse and check the fine-tuning stage's cfg before anything is written: the stage-1
+        cfg (or ``finetune_cfg``) with ``finetune_sets`` on top. Only training settings may
+        change ([net] hyper-parameters and augmentation, [yolo] loss/augmentation keys): the
+        layers, their shapes and the batch must stay the same."""
+        from .graph import build_graph
+        from .overrides import apply_sets
+        from .reader import read_cfg
+        o = self.o
+        if o.finetune_at is None:
+            raise DarknetError("--finetune-set/--finetune-cfg need --finetune-at")
+        at = float(o.finetune_at)
+        it = int(round(at * self.max_batches)) if at <= 1 else int(at)
+        if not 0 < it < self.max_batches:
+            raise DarknetError(f"--finetune-at {o.finetune_at}: iteration {it} is not inside the "
+                               f"run (1..{self.max_batches - 1})")
+        base = read_cfg(o.finetune_cfg) if o.finetune_cfg else apply_sets(read_cfg(o.cfg), o.sets)
+        g2 = build_graph(apply_sets(base, o.finetune_sets))
+        g1, where = self.model.graph, o.finetune_cfg or "--finetune-set"
+        if len(g1.layers) != len(g2.layers):
+            raise DarknetError(f"{where}: the fine-tuning cfg has {len(g2.layers)} layers, the "
+                               f"training cfg {len(g1.layers)}: only training settings may change")
+        for a, b in zip(g1.layers, g2.layers):
+            if (a.type, a.out_shape, a.inputs, a.weight_floats) != (b.type, b.out_shape, b.inputs,
+                                                                    b.weight_floats):
+                raise DarknetError(f"{where}: layer {a.index} differs ([{a.section}] "
+                                   f"{a.out_shape.as_list()} vs [{b.section}] "
+                                   f"{b.out_shape.as_list()}): only training settings may change")
+        for k in ("batch", "subdivisions"):
+            if g1.net.settings.get(k) != g2.net.settings.get(k):
+                raise DarknetError(f"{where}: {k} must stay {g1.net.settings.get(k)} for the "
+                                   "fine-tuning stage")
+        self.finetune_iteration, self.finetune_graph = it, g2
+        if self.iteration >= it:               # resumed inside stage 2
+            self._switch_stage(save=False)
+
+    def _switch_stage(self, save: bool = True) -> None:
+        """Enter the fine-tuning stage: ``<cfg>_stage1.weights`` (the weights stage 1 ended
+        with) and ``<cfg>_finetune.cfg`` go to the backup folder; the [net] settings, the loss
+        parameters, the augmentation and the multi-scale flag become the fine-tuning cfg's.
+        The caller restarts the data loader."""
+        from .data import AugmentParams
+        from .reader import write_cfg
+        g2 = self.finetune_graph
+        if save:
+            self.save(os.path.join(self.backup, f"{self.names['base']}_stage1.weights"))
+        if self.rank == 0:
+            from .converters.weights import atomic_write
+            atomic_write(os.path.join(self.backup, f"{self.names['base']}_finetune.cfg"),
+                         [write_cfg(g2.cfg).encode()])
+        settings = dict(g2.net.settings)
+        settings["max_batches"] = self.max_batches
+        self.settings = settings
+        for g in self.opt.param_groups:
+            g["momentum"] = float(settings.get("momentum", 0.9))
+        self.head_loss = HeadLoss(types.SimpleNamespace(
+            heads=[l for l in g2.layers if l.index in self.model.output_indices]))
+        self.aug = AugmentParams.from_model(types.SimpleNamespace(graph=g2), augment=self.o.augment)
+        self.dataset.params = self.aug
+        self.random = float((getattr(g2.layers[-1], "train", None) or {}).get("random", 0) or 0)
+        self.switched_at = self.iteration
+        self.log(f"iteration {self.iteration}: fine-tuning stage: {self.aug}")
 
     # --------------------------------------------------------------- multi-scale
     def size_for(self, it: int) -> Tuple[int, int]:
@@ -774,6 +849,10 @@ class Trainer:
                 if it >= iter_save_last + 100 or (it % 100 == 0 and it > 1):
                     iter_save_last = it
                     self.save(self.names["last"])
+                if self.switched_at is None and self.finetune_iteration is not None \
+                        and it >= self.finetune_iteration and it < self.max_batches:
+                    self._switch_stage()
+                    it_batches = iter(self.loader())   # the new augmentation, from this iteration
                 bar.update(1)
                 post = dict(loss=f"{loss:.3f}", avg=f"{self.avg_loss:.3f}", lr=f"{self.rate:.2e}",
                             img_s=f"{ips:.1f}")
@@ -787,7 +866,7 @@ class Trainer:
             bar.close()
         self.save(self.names["final"])
         self.save(self.names["last"])
-        if o.calc_map and self.rank == 0:
+        if (o.calc_map or self.finetune_iteration is not None) and self.rank == 0:
             self.draw_chart()
         if self._own_pg:
             import torch.distributed as dist
@@ -798,11 +877,13 @@ class Trainer:
                     map_history=self.map_history, final=self.names["final"])
 
     def draw_chart(self) -> Optional[str]:
-        """chart.png in the backup folder: loss (blue) and mAP (red) against iteration."""
+        """chart.png in the backup folder: loss (blue) and mAP (red) against iteration, and the
+        start of the fine-tuning stage (a vertical line)."""
         try:
             from .evaluate import draw_chart
             path = os.path.join(self.backup, "chart.png")
-            draw_chart(path, self.loss_history, self.map_history, self.max_batches)
+            marks = [(self.switched_at, "fine-tuning")] if self.switched_at is not None else []
+            draw_chart(path, self.loss_history, self.map_history, self.max_batches, marks=marks)
             return path
         except Exception as e:  # a chart must never stop training
             self._warn(f"chart not drawn: {e}")
