@@ -120,12 +120,14 @@ def convert(ctx, cfg, weights, output, width, height, partial, strict_finite):
 
 
 def _register_subcommands() -> None:
-    """The other commands live in their own modules (cli_infer, cli_train, cli_verify, cli_zoo)."""
-    from . import cli_infer, cli_train, cli_verify, cli_zoo
+    """The other commands live in their own modules (cli_infer, cli_train, cli_verify, cli_zoo,
+    cli_anchors)."""
+    from . import cli_anchors, cli_infer, cli_train, cli_verify, cli_zoo
     cli_infer.register(main)
     cli_train.register(main)
     cli_verify.register(main)
     cli_zoo.register(main)
+    cli_anchors.register(main)
 
 
 _register_subcommands()
