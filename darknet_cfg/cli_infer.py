@@ -181,10 +181,7 @@ class _Run:
         if not loaded:
             return
         t0 = time.perf_counter()
-        prepared = [self.det.prepare(im) for _, im in loaded]
-        outs = self.det.forward(np.stack([x for x, _ in prepared]))
-        for (p, im), (_, size), out in zip(loaded, prepared, outs):
-            dets = self.det.suppress(self.det.decode(out, size))
+        for (p, im), (dets, size) in zip(loaded, self.det.detect_loaded([im for _, im in loaded])):
             if self.verbose:
                 from .infer import darknet_lines
                 ms = (time.perf_counter() - t0) * 1000
@@ -235,10 +232,7 @@ class _Run:
                         break
                     pending.append(frame)
                 ims = [_rgb_float(f) for f in pending]
-                prepared = [self.det.prepare(im) for im in ims]
-                outs = self.det.forward(np.stack([x for x, _ in prepared]))
-                for f, (_, size), out in zip(pending, prepared, outs):
-                    dets = self.det.suppress(self.det.decode(out, size))
+                for f, (dets, size) in zip(pending, self.det.detect_loaded(ims)):
                     self.record(dets, path, size)
                     if writer is not None:
                         writer.write(_draw(f, dets, self.names, self.thresh))
@@ -308,9 +302,12 @@ def register(group: click.Group) -> None:
                        "see README); default: exact float32 without TF32")
     @click.option("--cuda-graph", is_flag=True,
                   help="CUDA: replay the forward from a captured CUDA graph (one per batch shape)")
+    @click.option("--tta", is_flag=True,
+                  help="test-time augmentation: scales 1, 0.83 (flipped) and 0.67 of the network "
+                       "size, boxes merged before NMS (about 2.7x slower)")
     @_friendly
     def detect(cfg, weights, sources, names, thresh, nms, width, height, letter_box, out_dir,
-               json_path, coco_json, batch, device, compile_, winograd, half, cuda_graph):
+               json_path, coco_json, batch, device, compile_, winograd, half, cuda_graph, tta):
         """Detect objects in images, folders, list files or videos, as `darknet detector test`.
 
         Prints Darknet's lines for a single image; draws boxes into --out; writes Darknet's
@@ -339,7 +336,7 @@ def register(group: click.Group) -> None:
         if (half or cuda_graph) and device != "cuda":
             raise DarknetError("--half and --cuda-graph need --device cuda")
         det = Detector(model, thresh=thresh, nms=nms, letter_box=letter_box, winograd=winograd,
-                       dtype=torch.float16 if half else None, cuda_graph=cuda_graph)
+                       dtype=torch.float16 if half else None, cuda_graph=cuda_graph, tta=tta)
         label_names = _read_names(names, det.classes)
         single = len(items) == 1 and items[0][0] == "image" and not missing
         run = _Run(det, label_names, thresh, out, verbose=single)

@@ -87,14 +87,26 @@ def train(data, cfg, weights, calc_map, map_every, clear, device, workers, max_b
               help="confidence threshold for precision/recall/F1")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--no-coco", is_flag=True, help="skip COCO AP@[.5:.95] (pycocotools)")
+@click.option("--tta", is_flag=True, help="test-time augmentation (scales 1, 0.83 flipped, 0.67; "
+              "boxes merged before NMS)")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="override a [net] key, or a [yolo] key on every head; repeatable")
 @_friendly
-def map_cmd(data, cfg, weights, points, iou_thresh, thresh, device, no_coco):
+def map_cmd(data, cfg, weights, points, iou_thresh, thresh, device, no_coco, tta, sets):
     """mAP of WEIGHTS on the valid= list of DATA, like `darknet detector map`."""
     from . import load
     from .data import DataError, read_data_file, read_list, scan_dataset
     from .evaluate import evaluate_model, format_report
     d = read_data_file(data)
-    model = load(cfg, weights, device=device)
+    if sets:
+        from . import build_model, load_weights
+        from .overrides import apply_sets
+        from .reader import read_cfg
+        model = build_model(apply_sets(read_cfg(cfg), sets), device=device)
+        load_weights(model, weights)
+        model.eval()
+    else:
+        model = load(cfg, weights, device=device)
     classes = {h.classes for h in model.heads}
     if classes != {d.classes}:
         raise DataError(f"classes mismatch: {data} has classes={d.classes} but the detection layers "
@@ -108,7 +120,8 @@ def map_cmd(data, cfg, weights, points, iou_thresh, thresh, device, no_coco):
     if not scan.images:
         raise DataError(f"{vlist}: no usable image")
     res = evaluate_model(model, scan.images, scan.labels, d.classes, iou_thresh=iou_thresh,
-                         points=int(points), thresh=thresh, device=device, coco=not no_coco)
+                         points=int(points), thresh=thresh, device=device, coco=not no_coco,
+                         tta=tta)
     click.echo(format_report(res, d.class_names()))
 
 

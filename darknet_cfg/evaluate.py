@@ -42,10 +42,11 @@ def head_params(spec) -> HeadParams:
 
 @torch.no_grad()
 def predict(model, images: Sequence[str], thresh: float = 0.005, nms: float = 0.45,
-            device=None, batch: int = 16) -> List[Detections]:
+            device=None, batch: int = 16, tta: bool = False) -> List[Detections]:
     """Darknet's detections (after NMS) for each image path; boxes relative to the image, in
     the order Darknet's NMS leaves them (``darknet_order``), which decides which of two
-    detections of one truth counts as the true positive at ``thresh``."""
+    detections of one truth counts as the true positive at ``thresh``. ``tta``: the boxes of
+    the test-time augmentation passes (tta.py), merged, then NMS."""
     from .infer import nms_matrix
     from .preprocess import detector_input, load_image
     was = model.training
@@ -59,18 +60,30 @@ def predict(model, images: Sequence[str], thresh: float = 0.005, nms: float = 0.
     w0 = next((m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
     fmt = torch.channels_last if w0 is not None and not w0.is_contiguous() else None  # as trained
     out: List[Detections] = []
+
+    def forward(inputs: np.ndarray):
+        x = torch.from_numpy(inputs).to(dev)
+        if fmt is not None:
+            x = x.contiguous(memory_format=fmt)
+        outs = [t.float().cpu().contiguous() for t in model(x)]
+        return [{li: t[k].numpy() for li, t in zip(heads, outs)} for k in range(len(inputs))]
+    sizes = None
+    if tta:
+        from .tta import tta_sizes
+        sizes = tta_sizes(model)
     try:
         for s in range(0, len(images), batch):
             chunk = images[s:s + batch]
             ims = [load_image(p) for p in chunk]
-            x = torch.from_numpy(np.stack([detector_input(im, W, H, lb) for im in ims])).to(dev)
-            if fmt is not None:
-                x = x.contiguous(memory_format=fmt)
-            outs = [t.float().cpu().contiguous() for t in model(x)]
-            for k, im in enumerate(ims):
-                o = {li: t[k].numpy() for li, t in zip(heads, outs)}
-                d = get_network_boxes(o, heads, W, H, im.shape[2], im.shape[1], thresh=thresh,
-                                      letter_box=lb)
+            if sizes:
+                from .tta import tta_detections
+                dets = tta_detections(forward, ims, heads, sizes, thresh, lb)
+            else:
+                outs = forward(np.stack([detector_input(im, W, H, lb) for im in ims]))
+                dets = [get_network_boxes(o, heads, W, H, im.shape[2], im.shape[1],
+                                          thresh=thresh, letter_box=lb)
+                        for o, im in zip(outs, ims)]
+            for d in dets:
                 if nms:  # do_nms, vectorised; then the order Darknet's qsorts leave its array in
                     d = nms_matrix(d, nms, kind=kind, beta_nms=beta).take(darknet_order(d))
                 out.append(d)
@@ -218,8 +231,8 @@ def coco_map(dets: Sequence[Detections], truths: Sequence[np.ndarray], sizes: Se
 
 def evaluate_model(model, images: Sequence[str], truths: Sequence[np.ndarray], classes: int,
                    iou_thresh: float = 0.5, points: int = 0, thresh: float = 0.25, device=None,
-                   coco: bool = False) -> Dict:
-    dets = predict(model, list(images), device=device)
+                   coco: bool = False, tta: bool = False) -> Dict:
+    dets = predict(model, list(images), device=device, tta=tta)
     res = compute_map(dets, truths, classes, iou_thresh=iou_thresh, points=points, thresh=thresh)
     if coco:
         import cv2
