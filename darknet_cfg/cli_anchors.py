@@ -1,5 +1,4 @@
 """``darknet-cfg anchors``: darknet's ``detector calc_anchors`` (anchors.py)."""
-import os
 
 import click
 
@@ -31,7 +30,8 @@ def register(group: click.Group) -> None:
 def anchors(data, num, width, height, cfg_in, output, seed, save):
     """Anchors for DATA's training labels by darknet's k-means (1 - IoU distance), like
     `darknet detector calc_anchors DATA -num_of_clusters 9 -width 416 -height 416`."""
-    from .anchors import anchors_report, format_anchors, kmeans_anchors, read_boxes_wh, set_cfg_anchors
+    from .anchors import (anchors_report, format_anchors, kmeans_anchors, read_boxes_wh,
+                          set_cfg_anchors)
     from .converters.weights import atomic_write
     from .errors import DarknetError
     from .reader import read_cfg, write_cfg

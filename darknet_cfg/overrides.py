@@ -21,8 +21,8 @@ __all__ = ["apply_sets", "parse_set", "NET_KEYS", "HEAD_KEYS"]
 
 def _net_keys() -> frozenset:
     from .specs import NET_OPTIONS
-    return frozenset([k for k, _, _ in NET_OPTIONS] +
-                     ["batch", "subdivisions", "width", "height", "channels", "inputs", "letter_box"])
+    size = ["batch", "subdivisions", "width", "height", "channels", "inputs", "letter_box"]
+    return frozenset([k for k, _, _ in NET_OPTIONS] + size)
 
 
 def _head_keys() -> dict:

@@ -783,7 +783,8 @@ class Trainer:
             self.opt.step()
         did = self.ema.step(self.iteration, self.max_batches)
         if did in ("init", "apply"):
-            self.log(f"iteration {self.iteration}: EMA {'initialised' if did == 'init' else 'applied'}")
+            what = "initialised (a copy)" if did == "init" else "applied to the weights"
+            self.log(f"iteration {self.iteration}: EMA {what}")
         self.rate = rate
         loss = total / (self.sub * self.mini)
         self.avg_loss = loss if self.avg_loss < 0 else self.avg_loss * 0.9 + loss * 0.1

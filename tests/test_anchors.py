@@ -156,5 +156,6 @@ def test_errors(dataset, tmp_path):
                 os.remove(os.path.join(root, f))
     with pytest.raises(DataError, match=r"train\.txt: no labels to compute anchors from"):
         read_boxes_wh(d["data"], 416, 416)
-    r = runner.invoke(main, ["anchors", d["data"], "--width", "416", "--height", "416", "--no-save"])
+    r = runner.invoke(main, ["anchors", d["data"], "--width", "416", "--height", "416",
+                             "--no-save"])
     assert r.exit_code == 1 and "train.txt: no labels" in r.output

@@ -80,7 +80,8 @@ def _conv_arrays(model):
 
 def _small_model(tmp_path):
     text = ("[net]\nwidth=16\nheight=16\nchannels=3\nbatch=1\n\n"
-            "[convolutional]\nbatch_normalize=1\nfilters=4\nsize=3\nstride=1\npad=1\nactivation=leaky\n\n"
+            "[convolutional]\nbatch_normalize=1\nfilters=4\nsize=3\nstride=1\npad=1\n"
+            "activation=leaky\n\n"
             "[convolutional]\nfilters=3\nsize=1\nstride=1\npad=1\nactivation=linear\n")
     p = tmp_path / "two.cfg"
     p.write_text(text)

@@ -3,7 +3,6 @@ Darknet pipelines run at each pass's size (flipped where the recipe flips), then
 import os
 
 import numpy as np
-import pytest
 import torch
 from click.testing import CliRunner
 
@@ -45,7 +44,8 @@ def test_tta_is_the_union_of_the_passes():
         for w, h, flip in tta_sizes(det.model):
             m = darknet_cfg.load(MINI, width=w, height=h)
             m.load_state_dict(state)
-            d = Detector(m, nms=0, **kw).detect(np.ascontiguousarray(im[:, :, ::-1]) if flip else im)[0]
+            x = np.ascontiguousarray(im[:, :, ::-1]) if flip else im
+            d = Detector(m, nms=0, **kw).detect(x)[0]
             if flip:
                 d.boxes[:, 0] = 1 - d.boxes[:, 0]
             parts.append(d)
@@ -73,7 +73,8 @@ def test_cli_detect_and_map_tta(tmp_path):
     from darknet_cfg.cli import main
     d = make_synthetic(tmp_path / "s", images=2, classes=3, size=64, valid=2, seed=2)
     cfg = tmp_path / "mini.cfg"
-    cfg.write_text(open(MINI).read().replace("width=224", "width=64").replace("height=224", "height=64"))
+    text = open(MINI).read().replace("width=224", "width=64")
+    cfg.write_text(text.replace("height=224", "height=64"))
     m = darknet_cfg.load(str(cfg))
     w = str(tmp_path / "m.weights")
     darknet_cfg.save_weights(m, w)
