@@ -284,7 +284,10 @@ class DarknetEMA:
     during training and every checkpoint use the live weights, which ARE the average from
     ``apply`` on (training continues from it for the last 1000 iterations). So a run with
     ``max_batches < 2000`` never applies it (``apply < start``): the EMA is only initialised.
-    Arithmetic in float32 as darknet's: ``alpha*ema`` and ``(1-alpha)*W`` rounded, then added."""
+    Arithmetic in float32 as darknet's: ``alpha*ema`` and ``(1-alpha)*W`` rounded, then added.
+    This is darknet's CPU build; its GPU build's ``ema_apply`` also pushes the layer's CPU copies
+    of the rolling statistics and momentum buffers, pulled one iteration earlier (a one-iteration
+    step back for those), which is not reproduced."""
 
     def __init__(self, model: nn.Module, alpha: float):
         from .layers.conv import ConvBnAct
