@@ -1,7 +1,7 @@
 """Benchmark note: what Darknet's EMA (``ema_alpha``) does to synthetic mAP.
 
     python bench/ema.py [--out /tmp/bench_ema] [--max-batches 2200] [--alphas 0.9998,0.99]
-                        [--threads 2]
+                        [--threads 2] [--batch 16] [--size 224]
 
 Darknet's schedule (train.DarknetEMA): the average starts at max_batches/2 (a copy of the
 weights), is updated after every iteration, and replaces the weights once, at
@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--max-batches", type=int, default=2200)
     ap.add_argument("--alphas", default="0.9998,0.99")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=None, help="default: the cfg's (16)")
+    ap.add_argument("--size", type=int, default=None, help="network width/height (default 224)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -49,7 +51,11 @@ def main():
                            valid=100, seed=args.seed)
     here = os.path.dirname(os.path.abspath(__file__))
     text = open(os.path.join(here, "..", "cfg", "yolov4-tiny-mini.cfg")).read()
-    for k, v in {"max_batches": mb, "steps": f"{int(mb * 0.8)},{int(mb * 0.9)}"}.items():
+    subs = {"max_batches": mb, "steps": f"{int(mb * 0.8)},{int(mb * 0.9)}", "batch": args.batch,
+            "width": args.size, "height": args.size}
+    for k, v in subs.items():
+        if v is None:
+            continue
         text, n = re.subn(rf"(?m)^{k}\s*=.*$", f"{k}={v}", text, count=1)
         assert n == 1, k
     cfg = os.path.join(args.out, "yolov4-tiny-mini.cfg")
