@@ -8,7 +8,8 @@ from typing import Optional
 
 import click
 
-from .cliutil import Command, Group, friendly as _friendly, size_options as _size_options
+from .cliutil import Command, Group, friendly as _friendly, set_option
+from .cliutil import size_options as _size_options
 
 
 def _find_weights(cfg: Path) -> Optional[Path]:
@@ -76,12 +77,15 @@ def main():
 @click.argument("cfg", type=click.Path(dir_okay=False))
 @_size_options
 @click.option("--json", "as_json", is_flag=True, help="print per-layer records as JSON")
+@set_option
 @_friendly
-def summary(cfg, width, height, as_json):
+def summary(cfg, width, height, as_json, sets):
     """Print Darknet's layer table for CFG (index, type, filters, size/stride, shapes, BFLOPs)."""
     from .graph import build_graph
     from .layer_table import summary_dict, summary_text
-    graph = build_graph(cfg, width, height)
+    from .overrides import apply_sets
+    from .reader import read_cfg
+    graph = build_graph(apply_sets(read_cfg(cfg), sets), width, height)
     if as_json:
         click.echo(json.dumps(summary_dict(graph), indent=1))
     else:

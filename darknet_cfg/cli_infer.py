@@ -269,7 +269,7 @@ class _Run:
 
 def register(group: click.Group) -> None:
     """Add ``detect`` and ``export`` to the darknet-cfg group."""
-    from .cliutil import _friendly, _size_options
+    from .cliutil import _friendly, _size_options, set_option
 
     @group.command()
     @click.argument("cfg", type=click.Path(dir_okay=False))
@@ -302,12 +302,14 @@ def register(group: click.Group) -> None:
                        "see README); default: exact float32 without TF32")
     @click.option("--cuda-graph", is_flag=True,
                   help="CUDA: replay the forward from a captured CUDA graph (one per batch shape)")
+    @set_option
     @click.option("--tta", is_flag=True,
                   help="test-time augmentation: scales 1, 0.83 (flipped) and 0.67 of the network "
                        "size, boxes merged before NMS (about 2.7x slower)")
     @_friendly
     def detect(cfg, weights, sources, names, thresh, nms, width, height, letter_box, out_dir,
-               json_path, coco_json, batch, device, compile_, winograd, half, cuda_graph, tta):
+               json_path, coco_json, batch, device, compile_, winograd, half, cuda_graph, tta,
+               sets):
         """Detect objects in images, folders, list files or videos, as `darknet detector test`.
 
         Prints Darknet's lines for a single image; draws boxes into --out; writes Darknet's
@@ -318,7 +320,7 @@ def register(group: click.Group) -> None:
         import torch
         from tqdm import tqdm
 
-        from . import load
+        from .overrides import load_with_sets
         from .infer import Detector
         out = Path(out_dir) if out_dir else None
         made_out = out is not None and not out.exists()
@@ -330,7 +332,7 @@ def register(group: click.Group) -> None:
         if device == "cuda" and not torch.cuda.is_available():
             raise DarknetError("--device cuda: no CUDA device is available")
         items, missing = _expand_sources(sources)
-        model = load(cfg, weights, width=width, height=height, device=device).fuse()
+        model = load_with_sets(cfg, weights, sets, width=width, height=height, device=device).fuse()
         if compile_:
             model.compile_activations()
         if (half or cuda_graph) and device != "cuda":

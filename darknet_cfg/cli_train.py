@@ -2,7 +2,7 @@
 ``darknet-cfg train``, ``darknet-cfg map``, ``darknet-cfg synth``."""
 import click
 
-from .cliutil import friendly as _friendly
+from .cliutil import friendly as _friendly, set_option
 
 
 def register(group: click.Group) -> None:
@@ -39,9 +39,7 @@ def register(group: click.Group) -> None:
 @click.option("--amp", is_flag=True,
               help="mixed precision: float16 with loss scaling on CUDA (as Darknet's CUDNN_HALF), "
                    "bfloat16 autocast on CPU; default: float32 (without TF32 on CUDA)")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="override a [net] key, or a [yolo] key on every head (yolo.KEY=VALUE to be "
-                   "explicit); checked and warned like the cfg; repeatable")
+@set_option
 @click.option("--finetune-at", type=click.FloatRange(min=0, min_open=True), default=None,
               help="staged augmentation: switch to the fine-tuning settings at this fraction of "
                    "max_batches (<= 1) or at this iteration (> 1)")
@@ -89,24 +87,15 @@ def train(data, cfg, weights, calc_map, map_every, clear, device, workers, max_b
 @click.option("--no-coco", is_flag=True, help="skip COCO AP@[.5:.95] (pycocotools)")
 @click.option("--tta", is_flag=True, help="test-time augmentation (scales 1, 0.83 flipped, 0.67; "
               "boxes merged before NMS)")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="override a [net] key, or a [yolo] key on every head; repeatable")
+@set_option
 @_friendly
 def map_cmd(data, cfg, weights, points, iou_thresh, thresh, device, no_coco, tta, sets):
     """mAP of WEIGHTS on the valid= list of DATA, like `darknet detector map`."""
-    from . import load
     from .data import DataError, read_data_file, read_list, scan_dataset
     from .evaluate import evaluate_model, format_report
+    from .overrides import load_with_sets
     d = read_data_file(data)
-    if sets:
-        from . import build_model, load_weights
-        from .overrides import apply_sets
-        from .reader import read_cfg
-        model = build_model(apply_sets(read_cfg(cfg), sets), device=device)
-        load_weights(model, weights)
-        model.eval()
-    else:
-        model = load(cfg, weights, device=device)
+    model = load_with_sets(cfg, weights, sets, device=device)
     classes = {h.classes for h in model.heads}
     if classes != {d.classes}:
         raise DataError(f"classes mismatch: {data} has classes={d.classes} but the detection layers "

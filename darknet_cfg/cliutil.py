@@ -57,6 +57,13 @@ class Group(_OneLineErrors, click.Group):
     """A click group whose usage errors (its own and its subcommands') are one line."""
 
 
+def set_option(fn):
+    """``--set KEY=VALUE`` (repeatable): overrides.apply_sets on the cfg before building."""
+    return click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                        help="override a [net] key, or a [yolo] key on every head (net.KEY / "
+                             "yolo.KEY to be explicit); checked like the cfg; repeatable")(fn)
+
+
 def size_options(fn):
     fn = click.option("--height", type=click.IntRange(min=1), help="override [net] height")(fn)
     fn = click.option("--width", type=click.IntRange(min=1), help="override [net] width")(fn)

@@ -16,7 +16,7 @@ from typing import Iterable, List, Optional, Tuple
 from .errors import DarknetError
 from .reader import Cfg, Option, Section
 
-__all__ = ["apply_sets", "parse_set", "NET_KEYS", "HEAD_KEYS"]
+__all__ = ["apply_sets", "parse_set", "load_with_sets", "NET_KEYS", "HEAD_KEYS"]
 
 
 def _net_keys() -> frozenset:
@@ -75,3 +75,20 @@ def apply_sets(cfg: Cfg, items: Iterable[str]) -> Cfg:
         for s in targets:
             s.options.insert(0, Option(key, value, s.line))
     return out
+
+
+def load_with_sets(cfg, weights=None, sets: Iterable[str] = (), **kw):
+    """``darknet_cfg.load(cfg, weights, **kw)`` with ``--set`` overrides applied to the cfg
+    first (a cfg file or preset name; a .pt checkpoint takes no overrides)."""
+    from . import build_model, load, load_weights
+    from .reader import read_cfg
+    sets = list(sets or [])
+    if not sets:
+        return load(cfg, weights, **kw)
+    if str(cfg).endswith((".pt", ".pth")):
+        raise DarknetError(f"--set: {cfg} is a checkpoint; overrides apply to a cfg")
+    model = build_model(apply_sets(read_cfg(cfg), sets), kw.pop("width", None),
+                        kw.pop("height", None), device=kw.pop("device", None))
+    if weights is not None:
+        load_weights(model, weights, **kw)
+    return model.eval()

@@ -137,3 +137,21 @@ def test_cli_train_set_and_finetune(dataset, tmp_path):
     assert os.path.isfile(tmp_path / "b" / "mini_stage1.weights")
     r = CliRunner().invoke(main, ["train", dataset["data"], cfg, "--set", "mosaic"])
     assert r.exit_code == 1 and "expected key=value" in r.output
+
+
+def test_set_on_summary_map_and_detect(dataset, tmp_path):
+    from darknet_cfg.cli import main
+    cfg = _cfg(tmp_path)
+    r = CliRunner().invoke(main, ["summary", cfg, "--json", "--set", "width=96"])
+    assert r.exit_code == 0, r.output
+    import json
+    assert json.loads(r.output)["net"]["width"] == 96
+    w = str(tmp_path / "m.weights")
+    darknet_cfg.save_weights(darknet_cfg.build_model(cfg), w)
+    r = CliRunner().invoke(main, ["map", dataset["data"], cfg, w, "--no-coco", "--set",
+                                  "nms_kind=diounms"])
+    assert r.exit_code == 0, r.output
+    img = os.path.join(os.path.dirname(dataset["data"]), "obj")
+    img = os.path.join(img, sorted(f for f in os.listdir(img) if f.endswith(".jpg"))[0])
+    r = CliRunner().invoke(main, ["detect", cfg, w, img, "--set", "letterbox=1"])
+    assert r.exit_code == 0 and "letterbox: unused key" in r.output, r.output
