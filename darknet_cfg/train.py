@@ -667,7 +667,7 @@ class Trainer:
                 raise DarknetError(f"{where}: layer {a.index} differs ([{a.section}] "
                                    f"{a.out_shape.as_list()} vs [{b.section}] "
                                    f"{b.out_shape.as_list()}): only training settings may change")
-        for k in ("batch", "subdivisions"):
+        for k in ("batch", "subdivisions", "adam"):   # the loader and the optimizer stay
             if g1.net.settings.get(k) != g2.net.settings.get(k):
                 raise DarknetError(f"{where}: {k} must stay {g1.net.settings.get(k)} for the "
                                    "fine-tuning stage")

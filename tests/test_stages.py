@@ -116,7 +116,8 @@ def test_finetune_cfg_and_resume_inside_stage_two(dataset, tmp_path):
 
 
 @pytest.mark.parametrize("sets,msg", [(("width=96",), "layer 0 differs"),
-                                      (("subdivisions=1",), "subdivisions must stay 2")])
+                                      (("subdivisions=1",), "subdivisions must stay 2"),
+                                      (("adam=1",), "adam must stay 0")])
 def test_finetune_rejects_layout_changes(dataset, tmp_path, sets, msg):
     with pytest.raises(DarknetError, match=msg):
         Trainer(_opts(dataset, _cfg(tmp_path), tmp_path, finetune_at=0.5, finetune_sets=sets))
