@@ -27,11 +27,11 @@ setup(
     package_data={"darknet_cfg.cfg": ["*.cfg"]},
     ext_modules=EXT,
     # lower bounds: the versions the test suite ran on (README, "Tested versions")
-    install_requires=["numpy>=2.2", "torch>=2.11", "click>=8.1.7", "tqdm>=4.66"],
+    install_requires=["numpy>=2.2", "torch>=2.11", "click>=8.2", "tqdm>=4.66"],
     extras_require={
         "test": ["pytest>=8.0"],
         "vision": ["opencv-python-headless>=4.12,<5", "pillow>=10.0"],  # OpenCV 5: no Darknet
-        "eval": ["pycocotools>=2.0.7"],
+        "eval": ["pycocotools>=2.0.8"],
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.5"],
     },
     entry_points={
