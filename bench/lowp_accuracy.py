@@ -7,8 +7,11 @@
 beside it), evaluated on its synthetic validation set as ``darknet detector map`` does (thresh
 0.005, NMS 0.45): mAP@0.5 and COCO AP@[.5:.95] for float32, bf16 and int8 (int8 calibrated on
 the first ``--calib-count`` training images). ``--oracle``: the oracle detectors (synthetic
-weights) on dog.png at the oracle's thresholds: the largest box-coordinate and probability
-differences to float32 over the boxes both keep, and how many boxes only one of them keeps.
+weights) on dog.png at the oracle's thresholds, before NMS: the largest box-coordinate
+(relative to the image) and class-probability differences (where both are above the threshold)
+to float32 over the boxes both keep, how
+many boxes only one of them keeps (objectness crossing the threshold), and the boxes left with
+a class after NMS.
 """
 from __future__ import annotations
 
@@ -68,8 +71,18 @@ def _compare(a, b):
     common = sorted(set(ka) & set(kb))
     ia, ib = [ka[k] for k in common], [kb[k] for k in common]
     box = float(np.abs(a.boxes[ia] - b.boxes[ib]).max(initial=0))
-    prob = float(np.abs(a.probs[ia] - b.probs[ib]).max(initial=0))
+    pa, pb = a.probs[ia], b.probs[ib]
+    both = (pa > 0) & (pb > 0)  # a prob at or below thresh is 0: crossings are not differences
+    prob = float(np.abs(pa - pb)[both].max(initial=0))
     return box, prob, len(set(ka) ^ set(kb)), len(ka)
+
+
+def _boxes(det):
+    """(before NMS, after NMS) detections of dog.png."""
+    from conftest import IMAGES
+    x, size = det.prepare(IMAGES / "dog.png")
+    dets = det.decode(det.forward(x[None])[0], size)
+    return dets, det.suppress(dets)
 
 
 def oracle(names):
@@ -78,20 +91,24 @@ def oracle(names):
     from conftest import IMAGES, ORACLE
     from test_infer_parity import load_oracle_model
     from darknet_cfg.infer import Detector
-    print("| model | precision | boxes (fp32) | max box diff | max prob diff | boxes kept by one only |\n"
-          "|---|---|---|---|---|---|")
+    print("| model | precision | boxes (fp32) | max box diff | max prob diff | boxes above thresh in "
+          "one only | boxes with a class after NMS, fp32 / low |\n|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for name in names:
             ref = json.loads((ORACLE / "models" / name / "detections.json").read_text())
             kw = dict(thresh=ref["thresh"], nms=ref["nms"])
-            base = Detector(load_oracle_model(name, tmp)[0].fuse(), **kw).detect(IMAGES / "dog.png")[0]
+            d32 = Detector(load_oracle_model(name, tmp)[0].fuse(), **kw)
+            base = _boxes(d32)
             for prec in PRECISIONS[1:]:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     det = Detector(load_oracle_model(name, tmp)[0], precision=prec, calib=IMAGES, **kw)
-                box, prob, only, n = _compare(base, det.detect(IMAGES / "dog.png")[0])
-                print(f"| {name} | {det.precision} | {n} | {box:.4f} | {prob:.4f} | {only} |", flush=True)
+                got = _boxes(det)
+                box, prob, only, n = _compare(base[0], got[0])
+                kept = (sum(bool(p.any()) for p in base[1].probs), sum(bool(p.any()) for p in got[1].probs))
+                print(f"| {name} | {det.precision} | {n} | {box:.4f} | {prob:.4f} | {only} | "
+                      f"{kept[0]} / {kept[1]} |", flush=True)
 
 
 def main():

@@ -216,8 +216,8 @@ def cached_fingerprint(path) -> Optional[str]:
     return {p.key: p.value for p in m.metadata_props}.get(_FINGERPRINT_KEY)
 
 
-def calibration_images(source, count: int = CALIB_IMAGES) -> List[str]:
-    """Up to ``count`` image paths: a folder's images (sorted), or a list of paths."""
+def calibration_images(source, count: int = CALIB_IMAGES) -> list:
+    """Up to ``count`` images: a folder's image paths (sorted), or a list of paths or arrays."""
     from .cli_infer import IMAGE_EXTS
     if isinstance(source, (str, os.PathLike)):
         d = Path(source)
@@ -225,7 +225,7 @@ def calibration_images(source, count: int = CALIB_IMAGES) -> List[str]:
             raise DarknetError(f"{d}: calibration images must be a folder")
         paths = [str(p) for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_EXTS]
     else:
-        paths = [os.fspath(p) for p in source]
+        paths = [p if isinstance(p, np.ndarray) else os.fspath(p) for p in source]
     if not paths:
         raise DarknetError(f"{source}: no calibration images")
     return paths[:count]
