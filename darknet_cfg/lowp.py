@@ -1,8 +1,9 @@
 """Opt-in low-precision CPU inference for ``Detector``: bfloat16 and int8 (not Darknet's numbers).
 
 ``bf16``: BN folded, weights and activations in bfloat16, channels_last, convolutions through
-oneDNN with prepacked bf16 weights and the activation fused (layers/onednn.py), mish in
-bfloat16 (one rounding). The convolutions that feed the detection layers, the detection layers
+oneDNN with prepacked bf16 weights and the activation fused (layers/onednn.py), mish compiled
+(``model.compile_activations()``: float math, one rounding to bfloat16; a few seconds of
+compiling on first use). The convolutions that feed the detection layers, the detection layers
 themselves, decoding and NMS stay float32. Needs AVX512-BF16 or AMX: elsewhere oneDNN would
 emulate bfloat16 slower than float32, so ``Detector`` warns and runs float32.
 
@@ -96,6 +97,7 @@ def to_bf16(model) -> None:
     model.to(torch.bfloat16)
     for i in head_feeders(model) + [s.index for s in model.heads]:
         model.layers[i].float()
+    model.compile_activations()  # mish: torch's bfloat16 mish is 3.5x slower than compiled
 
 
 # ---------------------------------------------------------------------------------- int8
@@ -140,6 +142,7 @@ def _float_convs(onnx_model) -> List[str]:
     return keep
 
 
+CALIBRATION = "MinMax"  # onnxruntime.quantization.CalibrationMethod
 # quantized operators; the rest (mish's element-wise ops, shortcut adds, the heads) run in float
 QUANTIZED_OPS = ["Conv", "MaxPool", "Concat", "Resize", "LeakyRelu", "Relu"]
 
@@ -196,7 +199,8 @@ def quantize(model, batches: Sequence[np.ndarray], path, fp: str) -> None:
             warnings.simplefilter("ignore")
             quantize_static(pre, q8, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=keep,
+                            calibrate_method=getattr(CalibrationMethod, CALIBRATION),
+                            nodes_to_exclude=keep,
                             op_types_to_quantize=QUANTIZED_OPS)
         m = onnx.load(q8)
         onnx.helper.set_model_props(m, {_FINGERPRINT_KEY: fp, "darknet_cfg.calibration_images":

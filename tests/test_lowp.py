@@ -2,8 +2,10 @@
 
 Tolerances against float32 (docs/README-lowp.md), head outputs of the oracle's yolov4-tiny
 (synthetic weights) at 224x224: bf16 |diff| <= 0.06 * max(1, |x|), int8 <= 0.5 * max(1, |x|);
-decoded boxes both keep: coordinates (relative to the image) bf16 <= 0.03, int8 <= 0.1, class
-probabilities bf16 <= 0.1, int8 <= 0.3. These are the measured worst cases with ~2x margin.
+decoded boxes both keep: coordinates (relative to the image) bf16 <= 0.05, int8 <= 0.2, class
+probabilities (where both pass thresh) bf16 <= 0.02, int8 <= 0.1; at least 80% of the float32
+boxes kept. Measured here: 0.029 / 0.235 (outputs), 0.021 / 0.092 (boxes), 0.004 / 0.037
+(probabilities), 18 of 18 / 16 of 18 boxes: the tolerances are ~2x the measured worst case.
 On a CPU without the instructions each path must fall back to float32 with a warning, so
 every test passes with or without them.
 """
@@ -20,7 +22,7 @@ from darknet_cfg import lowp
 from darknet_cfg.errors import DarknetError
 from darknet_cfg.infer import Detector
 
-TOL = {"bf16": dict(out=0.06, box=0.03, prob=0.1), "int8": dict(out=0.5, box=0.1, prob=0.3)}
+TOL = {"bf16": dict(out=0.06, box=0.05, prob=0.02), "int8": dict(out=0.5, box=0.2, prob=0.1)}
 SIZE = 224
 
 
