@@ -8,6 +8,11 @@ from torch import Tensor, nn
 NEG = -3.4028234663852886e38  # darknet's -FLT_MAX for out-of-range taps
 
 
+def _neg(x: Tensor) -> float:
+    """-FLT_MAX, or the lowest value of a narrower dtype (bfloat16: lowp)."""
+    return NEG if x.dtype == torch.float32 else float(torch.finfo(x.dtype).min)
+
+
 class MaxPool(nn.Module):
     """[maxpool]. out = (W + padding - size)/stride + 1; left/top padding = padding/2.
 
@@ -28,14 +33,14 @@ class MaxPool(nn.Module):
             n, c, h, w = x.shape
             groups = -(-c // self.out_channels)
             if groups * self.out_channels != c:
-                x = F.pad(x, (0, 0, 0, 0, 0, groups * self.out_channels - c), value=NEG)
+                x = F.pad(x, (0, 0, 0, 0, 0, groups * self.out_channels - c), value=_neg(x))
             return x.view(n, groups, self.out_channels, h, w).amax(1)
         if any(self.pads):
             native = self._native_padding(x.shape[-2], x.shape[-1])
             if native is not None:  # same windows without copying the input into a padded one
                 pad, ceil = native
                 return F.max_pool2d(x, self.size, self.stride, padding=pad, ceil_mode=ceil)
-            x = F.pad(x, self.pads, value=NEG)
+            x = F.pad(x, self.pads, value=_neg(x))
         return F.max_pool2d(x, self.size, self.stride)
 
     def _native_padding(self, h: int, w: int):
