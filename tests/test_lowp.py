@@ -141,3 +141,12 @@ def test_int8_calibration_saved_and_reused(tmp_path, monkeypatch):
         other.layers[0].conv.weight.mul_(2)
     with pytest.raises(DarknetError, match="is for another model"):
         Detector(other, precision="int8", calib_cache=cache)
+
+
+def test_bf16_padded_maxpool():
+    """Darknet's -FLT_MAX padding does not fit bfloat16: its lowest value pads instead."""
+    from darknet_cfg.layers.pooling import MaxPool
+    x = torch.randn(1, 4, 7, 7)
+    pool = MaxPool(3, 1, 1, 3)  # padding 3: uneven, so the input is padded explicitly
+    np.testing.assert_array_equal(pool(x.bfloat16()).float().numpy(),
+                                  pool(x.bfloat16().float()).numpy())
