@@ -134,7 +134,8 @@ class Detector:
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         if prepack is None:
-            prepack = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
+            prepack = self.device.type == "cpu" and (self.dtype == torch.float32
+                                                     or self.precision == "bf16")
         if prepack:
             self.model.prepack(winograd=winograd)
         if self.device.type == "cpu":
