@@ -9,8 +9,9 @@ emulate bfloat16 slower than float32, so ``Detector`` warns and runs float32.
 
 ``int8``: post-training static quantization by ONNX Runtime (QDQ, per-channel int8 weights,
 uint8 activations with MinMax ranges) of the model's ONNX export, calibrated on the user's
-images, run by ONNX Runtime's CPU kernels (VNNI). The first convolution and the convolutions
-that feed the detection layers stay float32. The quantized model is saved (``calib_cache``)
+images, run by ONNX Runtime's CPU kernels (VNNI). Convolutions, max-pool, concat, upsample and
+leaky are quantized (``QUANTIZED_OPS``); the first convolution, the convolutions that feed the
+detection layers, mish and shortcut adds stay float32. The quantized model is saved (``calib_cache``)
 with a fingerprint of the float model, so later runs load it instead of calibrating again.
 Needs AVX512-VNNI, AVX-VNNI or AMX (elsewhere ONNX Runtime's uint8 x int8 kernels may saturate)
 and ``onnxruntime``.
