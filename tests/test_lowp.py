@@ -150,3 +150,20 @@ def test_bf16_padded_maxpool():
     pool = MaxPool(3, 1, 1, 3)  # padding 3: uneven, so the input is padded explicitly
     np.testing.assert_array_equal(pool(x.bfloat16()).float().numpy(),
                                   pool(x.bfloat16().float()).numpy())
+
+
+def test_detect_cli_flags(tmp_path, monkeypatch):
+    from test_infer_cli import TINY_CFG, _image, _run
+    cfg = tmp_path / "tiny.cfg"
+    cfg.write_text(TINY_CFG)
+    weights = tmp_path / "tiny.weights"
+    darknet_cfg.save_weights(darknet_cfg.build_model(cfg), weights)
+    img = _image(tmp_path / "a.png")
+    r = _run("detect", cfg, weights, img, "--bf16", "--int8")
+    assert r.exit_code != 0 and "choose one" in r.output
+    monkeypatch.setattr(lowp, "cpu_supports", lambda p: p == "fp32")
+    r = _run("detect", cfg, weights, img, "--bf16")
+    assert r.exit_code == 0 and "warning: precision='bf16'" in r.output and "running float32" in r.output
+    monkeypatch.setattr(lowp, "cpu_supports", lambda p: True)
+    r = _run("detect", cfg, weights, img, "--int8")  # no --calib and nothing saved yet
+    assert r.exit_code != 0 and "int8 needs calibration images" in r.output
