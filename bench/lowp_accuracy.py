@@ -47,7 +47,8 @@ def trained(out: str, calib_count: int):
         for prec in PRECISIONS:
             t0 = time.time()
             det = Detector(darknet_cfg.load(cfg, weights).fuse(), thresh=0.005, nms=0.45,
-                           precision=prec, calib=calib, calib_cache=os.path.join(tmp, "c.onnx"))
+                           precision=prec, calib=calib, calib_count=calib_count,
+                           calib_cache=os.path.join(tmp, "c.onnx"))
             t1 = time.time()
             dets = det.detect(val.images, batch_size=16)
             m = compute_map(dets, val.labels, data.classes)
