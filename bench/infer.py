@@ -12,7 +12,9 @@ reading its decoded rows) and NMS (Darknet's; OpenCV: cv2.dnn.NMSBoxes per class
 separately. "fused" is what ``Detector`` runs on CPU by default: BN folded, channels_last,
 prepacked oneDNN convolutions (``model.prepack()``), in-place one-exp mish, batches of up
 to 4 images at once; "compiled" adds ``model.compile_activations()`` (detect --compile); "winograd" adds
-Winograd 3x3 convolutions to that (detect --compile --winograd; opt-in). ``--levers`` adds
+Winograd 3x3 convolutions to that (detect --compile --winograd; opt-in). "bf16" and "int8"
+are ``Detector(precision=...)`` (detect --bf16 / --int8; opt-in, not Darknet's numbers;
+int8 calibrated on the shared images; darknet_cfg/lowp.py). ``--levers`` adds
 "fused+winograd" (detect --winograd, without --compile) and "fused+winograd2" (F(2x2) tiles
 only, ``Detector(winograd=2)``). The process runs with
 ``runtime.keep_freed_memory()`` as Detector sets it (process-wide, so every engine has it).
@@ -47,7 +49,7 @@ import numpy as np  # noqa: E402  (torch is imported lazily: the memory probes o
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DARKNET_CFG_SHARED", REPO.parent / "shared"))
 MODELS = {"yolov4-tiny": 416, "yolov4": 416, "yolov4-csp": 512}
-TORCH_ENGINES = ("eager", "fused", "compiled", "winograd")
+TORCH_ENGINES = ("eager", "fused", "compiled", "winograd", "bf16", "int8")
 ENGINES = TORCH_ENGINES + ("onnxruntime", "opencv")
 
 
@@ -129,6 +131,18 @@ class Engine:
             model = darknet_cfg.load(cfg, weights)
             if kind != "eager":
                 model.fuse()
+            self.dtype, self.run = torch.float32, model
+            if kind == "bf16":  # as Detector(precision="bf16")
+                from darknet_cfg import lowp
+                lowp.to_bf16(model)
+                self.dtype = torch.bfloat16
+            if kind == "int8":  # as Detector(precision="int8"), calibrated on the shared images
+                from darknet_cfg import lowp
+                from darknet_cfg.infer import Detector
+                prep = Detector(darknet_cfg.load(cfg, weights)).prepare
+                self.run = lowp.int8_runner(model, prep, sorted(_image().parent.glob("*.png")),
+                                            Path(weights).with_suffix(".int8.onnx"))
+                opts = dict(opts, channels_last=False, prepack=False)
             if kind in ("compiled", "winograd"):
                 model.compile_activations()
             cl = opts.get("channels_last", kind != "eager")  # as Detector does on CPU
@@ -168,15 +182,15 @@ class Engine:
         if self.kind in TORCH_ENGINES:
             import torch
             from darknet_cfg.infer import CPU_MICRO_BATCH, forward_micro_batches
-            t = torch.from_numpy(x)
+            t = torch.from_numpy(x).to(self.dtype)
             if self.cl:
                 t = t.contiguous(memory_format=torch.channels_last)
             ctx = torch.no_grad() if self.no_grad else torch.inference_mode()
             with ctx:
                 # as Detector does on CPU (micro_batch=CPU_MICRO_BATCH); eager: the plain call
-                outs = forward_micro_batches(self.model, t,
+                outs = forward_micro_batches(self.run, t,
                                              0 if self.kind == "eager" else CPU_MICRO_BATCH)
-                return [o.contiguous().numpy() for o in outs]  # as Detector
+                return [o.float().contiguous().numpy() for o in outs]  # as Detector
         if self.kind == "onnxruntime":
             return self.sess.run(None, {"input": x})
         self.net.setInput(x)

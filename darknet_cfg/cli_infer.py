@@ -5,6 +5,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -298,7 +299,7 @@ def register(group: click.Group) -> None:
                        "float rounding differs from Darknet's, so a score within ~1e-5 of "
                        "--thresh may land on the other side)")
     @click.option("--half", is_flag=True,
-                  help="CUDA: float16 weights and activations (faster; boxes move by ~1e-3, "
+                  help="CUDA: float16 weights and activations (faster; not Darknet's numbers, "
                        "see README); default: exact float32 without TF32")
     @click.option("--cuda-graph", is_flag=True,
                   help="CUDA: replay the forward from a captured CUDA graph (one per batch shape)")
@@ -306,10 +307,23 @@ def register(group: click.Group) -> None:
     @click.option("--tta", is_flag=True,
                   help="test-time augmentation: scales 1, 0.83 (flipped) and 0.67 of the network "
                        "size, boxes merged before NMS (about 2.7x slower)")
+    @click.option("--bf16", is_flag=True,
+                  help="CPU with AVX512-BF16 or AMX: bfloat16 convolutions (float32 heads, decode "
+                       "and NMS); CUDA: bfloat16 model; faster, not Darknet's numbers (README)")
+    @click.option("--int8", is_flag=True,
+                  help="CPU with VNNI or AMX: int8 static quantization run by ONNX Runtime, "
+                       "calibrated on --calib images and saved to --calib-cache")
+    @click.option("--calib", type=click.Path(exists=True, file_okay=False),
+                  help="--int8: folder of calibration images (the first --calib-count, sorted)")
+    @click.option("--calib-count", type=click.IntRange(min=1), default=32, show_default=True,
+                  help="--int8: number of calibration images")
+    @click.option("--calib-cache", type=click.Path(dir_okay=False),
+                  help="--int8: the calibrated int8 model, reused while cfg, weights and size are "
+                       "unchanged [default: beside the weights, WEIGHTS.<w>x<h>.int8.onnx]")
     @_friendly
     def detect(cfg, weights, sources, names, thresh, nms, width, height, letter_box, out_dir,
                json_path, coco_json, batch, device, compile_, winograd, half, cuda_graph, tta,
-               sets):
+               sets, bf16, int8, calib, calib_count, calib_cache):
         """Detect objects in images, folders, list files or videos, as `darknet detector test`.
 
         Prints Darknet's lines for a single image; draws boxes into --out; writes Darknet's
@@ -337,8 +351,20 @@ def register(group: click.Group) -> None:
             model.compile_activations()
         if (half or cuda_graph) and device != "cuda":
             raise DarknetError("--half and --cuda-graph need --device cuda")
-        det = Detector(model, thresh=thresh, nms=nms, letter_box=letter_box, winograd=winograd,
-                       dtype=torch.float16 if half else None, cuda_graph=cuda_graph, tta=tta)
+        if sum((bf16, int8, half)) > 1:
+            raise DarknetError("--half, --bf16 and --int8: choose one")
+        if int8 and calib_cache is None:
+            calib_cache = f"{weights}.{model.width}x{model.height}.int8.onnx"
+        cuda_dtype = torch.float16 if half else torch.bfloat16 if bf16 and device == "cuda" else None
+        cpu_precision = "bf16" if bf16 and device != "cuda" else "int8" if int8 else "fp32"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            det = Detector(model, thresh=thresh, nms=nms, letter_box=letter_box, winograd=winograd,
+                           dtype=cuda_dtype, cuda_graph=cuda_graph, tta=tta,
+                           precision=cpu_precision, calib=calib, calib_cache=calib_cache,
+                           calib_count=calib_count)
+        for w in caught:  # e.g. no bf16 instructions: running float32
+            click.echo(f"warning: {w.message}", err=True)
         label_names = _read_names(names, det.classes)
         single = len(items) == 1 and items[0][0] == "image" and not missing
         run = _Run(det, label_names, thresh, out, verbose=single)

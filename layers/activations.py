@@ -167,7 +167,7 @@ class Activation(nn.Module):
         """``forward`` for a temporary the caller owns (a conv output): in a no-grad forward,
         an in-place kernel may overwrite it (mish: one-exp, 2x faster than torch's)."""
         fn = INPLACE.get(self.name)
-        if fn is not None and not self.compiled and eager_inference():
+        if fn is not None and not self.compiled and x.dtype == torch.float32 and eager_inference():
             return fn(x)
         return self.forward(x)
 

@@ -90,6 +90,8 @@ class ConvBnAct(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         src = self.source
+        if x.dtype != src.conv.weight.dtype:  # mixed precision (lowp.to_bf16): the weights' dtype
+            x = x.to(src.conv.weight.dtype)
         if self.prepacked and src.bn is None and not self.binary and x.device.type == "cpu" \
                 and eager_inference():
             act = self.act.name

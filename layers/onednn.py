@@ -22,6 +22,7 @@ FUSED_ACTIVATIONS: Dict[str, Tuple[str, list]] = {
     "linear": ("none", []), "leaky": ("leaky_relu", [0.1]), "relu": ("relu", []),
     "logistic": ("sigmoid", []), "swish": ("swish", []), "tanh": ("tanh", []),
 }
+_DTYPES = (torch.float32, torch.bfloat16)  # bfloat16: lowp.to_bf16 (opt-in, not Darknet's numbers)
 _MAX_SHAPES = 4          # packed weights kept per layer (one per input shape seen)
 _state: Dict[str, Optional[bool]] = {"ok": None}
 # packed weights per conv module, outside the module (mkldnn tensors neither pickle nor deepcopy)
@@ -53,7 +54,7 @@ def packed_conv(conv, act: str, x: Tensor) -> Optional[Tensor]:
     """conv (+ the activation when oneDNN can fuse it) of ``x``, or None where the fast path
     does not apply (then the caller runs the plain modules). Packed weights are cached per
     module, input shape and weight version (reloaded weights are packed again)."""
-    if _state["ok"] is False or conv.weight.dtype != torch.float32 or x.dtype != torch.float32:
+    if _state["ok"] is False or conv.weight.dtype != x.dtype or x.dtype not in _DTYPES:
         return None
     key = (tuple(x.shape), conv.weight._version, conv.weight.data_ptr())
     cache = _CACHE.setdefault(conv, {})
@@ -70,7 +71,7 @@ def packed_conv(conv, act: str, x: Tensor) -> Optional[Tensor]:
     except Exception as exc:  # noqa: BLE001 (missing operator, unsupported geometry ...)
         return _disable(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     attr = FUSED_ACTIVATIONS.get(act, ("none", []))[0]
-    if _state["ok"] is None and attr in ("none", "leaky_relu"):
+    if _state["ok"] is None and attr in ("none", "leaky_relu") and x.dtype == torch.float32:
         # first checkable use in this process: compare with the reference path once
         ref = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
                        conv.groups)

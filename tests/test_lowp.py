@@ -1,0 +1,169 @@
+"""Opt-in low precision (Detector precision="bf16" / "int8", darknet_cfg/lowp.py).
+
+Tolerances against float32 (docs/README-lowp.md), head outputs of the oracle's yolov4-tiny
+(synthetic weights) at 224x224: bf16 |diff| <= 0.06 * max(1, |x|), int8 <= 0.5 * max(1, |x|);
+decoded boxes both keep: coordinates (relative to the image) bf16 <= 0.05, int8 <= 0.2, class
+probabilities (where both pass thresh) bf16 <= 0.02, int8 <= 0.1; at least 80% of the float32
+boxes kept. Measured here: 0.029 / 0.235 (outputs), 0.021 / 0.092 (boxes), 0.004 / 0.037
+(probabilities), 18 of 18 / 16 of 18 boxes: the tolerances are ~2x the measured worst case.
+On a CPU without the instructions each path must fall back to float32 with a warning, so
+every test passes with or without them.
+"""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import IMAGES, ORACLE, REPO, needs_shared, oracle_io
+
+import darknet_cfg
+from darknet_cfg import lowp
+from darknet_cfg.errors import DarknetError
+from darknet_cfg.infer import Detector
+
+TOL = {"bf16": dict(out=0.06, box=0.05, prob=0.02), "int8": dict(out=0.5, box=0.2, prob=0.1)}
+SIZE = 224
+
+
+def _mini(size=96):
+    torch.manual_seed(0)
+    return darknet_cfg.build_model(REPO / "cfg" / "yolov4-tiny-mini.cfg", size, size).eval()
+
+
+def _oracle_tiny(tmp_path):
+    oio = oracle_io()
+    m = oio.load_model("yolov4-tiny")
+    w = tmp_path / "yolov4-tiny.weights"
+    w.write_bytes(oio.weights_bytes(m.layout, m.meta))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", darknet_cfg.CfgWarning)
+        return lambda: darknet_cfg.load(ORACLE / "models" / "yolov4-tiny" / "model.cfg", w,
+                                        width=SIZE, height=SIZE)
+
+
+def _close(det32, det, tol):
+    x, size = det32.prepare(IMAGES / "dog.png")
+    o32, o = det32.forward(x[None])[0], det.forward(x[None])[0]
+    for k in o32:
+        assert np.all(np.abs(o[k] - o32[k]) <= tol["out"] * np.maximum(1, np.abs(o32[k]))), \
+            f"layer {k}: {np.abs(o[k] - o32[k]).max():.3f}"
+    a, b = det32.decode(o32, size), det.decode(o, size)
+    key = lambda d: {t: i for i, t in enumerate(zip(d.layer.tolist(), d.anchor.tolist(),
+                                                    d.row.tolist(), d.col.tolist()))}
+    ka, kb = key(a), key(b)
+    common = sorted(set(ka) & set(kb))
+    assert len(common) >= 0.8 * len(ka) > 0  # objectness near thresh may cross it
+    ia, ib = [ka[t] for t in common], [kb[t] for t in common]
+    assert np.abs(a.boxes[ia] - b.boxes[ib]).max() <= tol["box"]
+    pa, pb = a.probs[ia], b.probs[ib]
+    both = (pa > 0) & (pb > 0)  # a class prob is 0 at or below thresh: crossing it is no measure
+    assert np.abs(pa - pb)[both].max() <= tol["prob"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_falls_back_to_float32_without_the_instructions(precision, monkeypatch):
+    monkeypatch.setattr(lowp, "cpu_supports", lambda p: p == "fp32")
+    x = np.random.default_rng(0).random((1, 3, 96, 96), np.float32)
+    ref = Detector(_mini()).forward(x)[0]
+    with pytest.warns(UserWarning, match="running float32"):
+        det = Detector(_mini(), precision=precision)
+    assert det.precision == "fp32" and det.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in det.model.parameters())
+    out = det.forward(x)[0]
+    for k in ref:
+        np.testing.assert_array_equal(out[k], ref[k])
+
+
+def test_float32_stays_the_default():
+    det = Detector(_mini())
+    assert det.precision == "fp32" and det._run is det.model
+    with pytest.raises(DarknetError, match="precision 'fp16'"):
+        Detector(_mini(), precision="fp16")
+
+
+@needs_shared
+def test_bf16_close_to_float32(tmp_path, monkeypatch):
+    load = _oracle_tiny(tmp_path)
+    det32 = Detector(load().fuse())
+    if not lowp.cpu_supports("bf16") and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        monkeypatch.setattr(lowp, "cpu_supports", lambda p: True)  # oneDNN emulates: numbers only
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        det = Detector(load(), precision="bf16")
+    if det.precision == "fp32":  # no bfloat16 here at all: the fallback said so
+        assert any("running float32" in str(w.message) for w in caught)
+        return
+    assert det.dtype == torch.bfloat16
+    feeders = lowp.head_feeders(det.model)
+    assert all(det.model.layers[i].conv.weight.dtype == torch.float32 for i in feeders)
+    assert det.model.layers[0].conv.weight.dtype == torch.bfloat16
+    _close(det32, det, TOL["bf16"])
+
+
+@needs_shared
+@pytest.mark.onnx
+def test_int8_close_to_float32(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    load = _oracle_tiny(tmp_path)
+    det32 = Detector(load().fuse())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        det = Detector(load(), precision="int8", calib=IMAGES)
+    if det.precision == "fp32":  # no VNNI: the fallback said so
+        assert any("running float32" in str(w.message) for w in caught)
+        return
+    _close(det32, det, TOL["int8"])
+
+
+@pytest.mark.onnx
+def test_int8_calibration_saved_and_reused(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    monkeypatch.setattr(lowp, "cpu_supports", lambda p: True)  # the file round trip runs anywhere
+    rng = np.random.default_rng(0)
+    images = [rng.random((3, 96, 96), np.float32) for _ in range(3)]
+    cache = tmp_path / "mini.int8.onnx"
+    first = Detector(_mini(), precision="int8", calib=images, calib_cache=cache)
+    assert first.precision == "int8" and cache.is_file()
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibrated again")
+    monkeypatch.setattr(lowp, "quantize", no_calibration)
+    again = Detector(_mini(), precision="int8", calib_cache=cache)  # no images needed
+    x = np.stack(images[:2])
+    a, b = first.forward(x), again.forward(x)
+    for k in a[0]:
+        np.testing.assert_array_equal(a[1][k], b[1][k])
+    other = _mini()
+    with torch.no_grad():
+        other.layers[0].conv.weight.mul_(2)
+    with pytest.raises(DarknetError, match="is for another model"):
+        Detector(other, precision="int8", calib_cache=cache)
+
+
+def test_bf16_padded_maxpool():
+    """Darknet's -FLT_MAX padding does not fit bfloat16: its lowest value pads instead."""
+    from darknet_cfg.layers.pooling import MaxPool
+    x = torch.randn(1, 4, 7, 7)
+    pool = MaxPool(3, 1, 1, 3)  # padding 3: uneven, so the input is padded explicitly
+    np.testing.assert_array_equal(pool(x.bfloat16()).float().numpy(),
+                                  pool(x.bfloat16().float()).numpy())
+
+
+def test_detect_cli_flags(tmp_path, monkeypatch):
+    from test_infer_cli import TINY_CFG, _image, _run
+    cfg = tmp_path / "tiny.cfg"
+    cfg.write_text(TINY_CFG)
+    weights = tmp_path / "tiny.weights"
+    darknet_cfg.save_weights(darknet_cfg.build_model(cfg), weights)
+    img = _image(tmp_path / "a.png")
+    r = _run("detect", cfg, weights, img, "--bf16", "--int8")
+    assert r.exit_code != 0 and "choose one" in r.output
+    monkeypatch.setattr(lowp, "cpu_supports", lambda p: p == "fp32")
+    r = _run("detect", cfg, weights, img, "--bf16")
+    assert r.exit_code == 0 and "warning: precision='bf16'" in r.output and "running float32" in r.output
+    monkeypatch.setattr(lowp, "cpu_supports", lambda p: True)
+    r = _run("detect", cfg, weights, img, "--int8")  # no --calib and nothing saved yet
+    assert r.exit_code != 0 and "int8 needs calibration images" in r.output
