@@ -1,6 +1,6 @@
 """Opt-in low precision (Detector precision="bf16" / "int8", darknet_cfg/lowp.py).
 
-Tolerances against float32 (docs/README-lowp.md), head outputs of the oracle's yolov4-tiny
+Tolerances against float32 (README: Low-precision CPU inference), head outputs of the oracle's yolov4-tiny
 (synthetic weights) at 224x224: bf16 |diff| <= 0.06 * max(1, |x|), int8 <= 0.5 * max(1, |x|);
 decoded boxes both keep: coordinates (relative to the image) bf16 <= 0.05, int8 <= 0.2, class
 probabilities (where both pass thresh) bf16 <= 0.02, int8 <= 0.1; at least 80% of the float32

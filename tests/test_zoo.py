@@ -198,7 +198,7 @@ def test_darknet2torch_preset_in_an_empty_folder(tmp_path, monkeypatch):
     assert len(darknet_cfg.load("yolov4-csp.pt").layers) == 175
 
 
-# ---- documented new points (docs/README-scale.md) -------------------------------------------
+# ---- documented new points (README: The Scaled-YOLOv4 family) -------------------------------------------
 # name: (preset, options); each builds at its size, and at a small training size runs a
 # forward, trains 5 iterations and round-trips its .weights byte for byte.
 NEW_POINTS = {
