@@ -37,3 +37,19 @@ def ok_layouts():
     import json
     index = json.loads((ORACLE / "layouts" / "index.json").read_text())
     return sorted((k, v["layout"]) for k, v in index["cfgs"].items() if v["ok"])
+
+
+MINI_CFG = REPO / "cfg" / "yolov4-tiny-mini.cfg"
+
+
+def mini_cfg(tmp_path, **over) -> str:
+    """The shipped mini cfg with [net] keys replaced (or added), written to tmp_path/mini.cfg."""
+    import re
+    text = MINI_CFG.read_text()
+    for k, v in over.items():
+        text, n = re.subn(rf"(?m)^{k}\s*=.*$", f"{k}={v}", text, count=1)
+        if n == 0:
+            text = text.replace("[net]\n", f"[net]\n{k}={v}\n", 1)
+    p = tmp_path / "mini.cfg"
+    p.write_text(text)
+    return str(p)

@@ -1,6 +1,5 @@
 """Darknet's EMA (``ema_alpha``): schedule and values against a transcription of network.c."""
 import os
-import re
 import warnings
 
 import numpy as np
@@ -8,6 +7,7 @@ import pytest
 import torch
 
 import darknet_cfg
+from conftest import mini_cfg
 from darknet_cfg.options import CfgWarning
 from darknet_cfg.synth import make_synthetic
 from darknet_cfg.train import DarknetEMA, Trainer, TrainOptions
@@ -18,15 +18,8 @@ if not os.path.isfile(MINI):
 
 
 def _cfg(tmp_path, **over):
-    text = open(MINI).read()
-    over = {"width": 64, "height": 64, "batch": 4, "subdivisions": 2, "burn_in": 0, **over}
-    for k, v in over.items():
-        text, n = re.subn(rf"(?m)^{k}\s*=.*$", f"{k}={v}", text, count=1)
-        if n == 0:
-            text = text.replace("[net]\n", f"[net]\n{k}={v}\n", 1)
-    p = tmp_path / "mini.cfg"
-    p.write_text(text)
-    return str(p)
+    return mini_cfg(tmp_path, **{"width": 64, "height": 64, "batch": 4, "subdivisions": 2,
+                                 "burn_in": 0, **over})
 
 
 class DarknetTranscription:

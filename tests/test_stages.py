@@ -1,11 +1,11 @@
 """--set overrides and staged augmentation (--finetune-at) in the trainer."""
 import os
-import re
 
 import pytest
 from click.testing import CliRunner
 
 import darknet_cfg
+from conftest import mini_cfg
 from darknet_cfg.errors import DarknetCfgError, DarknetError
 from darknet_cfg.graph import build_graph
 from darknet_cfg.options import CfgWarning
@@ -26,16 +26,8 @@ def dataset(tmp_path_factory):
 
 
 def _cfg(tmp_path, **over):
-    text = open(MINI).read()
-    over = {"width": 64, "height": 64, "batch": 4, "subdivisions": 2, "burn_in": 2,
-            "max_batches": 6, **over}
-    for k, v in over.items():
-        text, n = re.subn(rf"(?m)^{k}\s*=.*$", f"{k}={v}", text, count=1)
-        if n == 0:
-            text = text.replace("[net]\n", f"[net]\n{k}={v}\n", 1)
-    p = tmp_path / "mini.cfg"
-    p.write_text(text)
-    return str(p)
+    return mini_cfg(tmp_path, **{"width": 64, "height": 64, "batch": 4, "subdivisions": 2,
+                                 "burn_in": 2, "max_batches": 6, **over})
 
 
 def _opts(dataset, cfg, tmp_path, **kw):

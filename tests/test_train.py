@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import darknet_cfg
+from conftest import mini_cfg
 from darknet_cfg.data import DataError
 from darknet_cfg.synth import make_synthetic
 from darknet_cfg.train import Trainer, TrainOptions, get_current_rate
@@ -25,16 +26,8 @@ def dataset(tmp_path_factory):
 
 def _cfg(tmp_path, **over):
     """The shipped mini cfg at 64x64 with a small batch (the trainer reads size from the cfg)."""
-    text = open(MINI).read()
-    over = {"width": 64, "height": 64, "batch": 4, "subdivisions": 2, "burn_in": 3,
-            "max_batches": 6, **over}
-    for k, v in over.items():
-        text, n = re.subn(rf"(?m)^{k}\s*=.*$", f"{k}={v}", text, count=1)
-        if n == 0:
-            text = text.replace("[net]\n", f"[net]\n{k}={v}\n", 1)
-    p = tmp_path / "mini.cfg"
-    p.write_text(text)
-    return str(p)
+    return mini_cfg(tmp_path, **{"width": 64, "height": 64, "batch": 4, "subdivisions": 2,
+                                 "burn_in": 3, "max_batches": 6, **over})
 
 
 def _opts(dataset, cfg, tmp_path, **kw):
