@@ -32,7 +32,7 @@ setup(
         "test": ["pytest>=8.0"],
         "vision": ["opencv-python-headless>=4.12,<5", "pillow>=10.0"],  # OpenCV 5: no Darknet
         "eval": ["pycocotools>=2.0.8"],
-        "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.5"],
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.19", "onnxscript>=0.6"],
     },
     entry_points={
         "console_scripts": [
