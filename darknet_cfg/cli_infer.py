@@ -365,6 +365,7 @@ def register(group: click.Group) -> None:
                            calib_count=calib_count)
         for w in caught:  # e.g. no bf16 instructions: running float32
             click.echo(f"warning: {w.message}", err=True)
+        det.darknet_array_order = True  # --json/--coco-json list boxes as Darknet's -out does
         label_names = _read_names(names, det.classes)
         single = len(items) == 1 and items[0][0] == "image" and not missing
         run = _Run(det, label_names, thresh, out, verbose=single)

@@ -20,8 +20,8 @@ import torch
 
 from . import lowp
 from .errors import DarknetError
-from .postprocess import (NMS_KINDS, Detections, HeadParams, _diou_matrix, box_iou_matrix, do_nms,
-                          get_network_boxes, nms_orders)
+from .postprocess import (NMS_KINDS, Detections, HeadParams, _diou_matrix, box_iou_matrix,
+                          darknet_order, do_nms, get_network_boxes, nms_orders)
 from .preprocess import detector_input, load_image
 from .runtime import exact_float32, keep_freed_memory
 from .tta import tta_detections
@@ -190,6 +190,10 @@ class Detector:
         self._pinned: Dict[Tuple, torch.Tensor] = {}
         from .tta import tta_sizes
         self.tta_sizes = tta_sizes(model) if tta else None  # (w, h, flip) of each pass (tta.py)
+        # detect_loaded's boxes in the order Darknet's NMS leaves its array (what its -out JSON
+        # lists; `detect --json` uses it); off, the boxes keep the decoding order (layer, anchor,
+        # cell), the order the API's Detections always have
+        self.darknet_array_order = False
 
     # ---------------------------------------------------------------------------- steps
     def prepare(self, image: Image) -> Tuple[np.ndarray, Tuple[int, int]]:
@@ -249,7 +253,13 @@ class Detector:
         else:
             outs = self.forward(np.stack([self.prepare(im)[0] for im in ims]))
             dets = [self.decode(out, size) for out, size in zip(outs, sizes)]
-        return [(self.suppress(d), size) for d, size in zip(dets, sizes)]
+        out = []
+        for d, size in zip(dets, sizes):
+            after = self.suppress(d)
+            if self.darknet_array_order and self.nms_thresh > 0:
+                after = after.take(darknet_order(d))  # as Darknet's -out JSON lists them
+            out.append((after, size))
+        return out
 
 
 def nms_matrix(dets: Detections, nms_thresh: float = 0.45, kind: str = "default",

@@ -86,7 +86,11 @@ def test_single_image_prints_darknet_lines_and_writes_outputs(tiny, tmp_path):
     frames = json.loads(js.read_text())
     assert [f["frame_id"] for f in frames] == [1] and frames[0]["filename"] == str(img)
     model = darknet_cfg.load(cfg, weights).fuse()
-    dets = Detector(model).detect(img)[0]
+    plain = Detector(model).detect(img)[0]
+    det = Detector(model)
+    det.darknet_array_order = True   # Darknet's -out order: its array after do_nms_sort
+    dets = det.detect(img)[0]
+    assert sorted(map(tuple, dets.boxes.tolist())) == sorted(map(tuple, plain.boxes.tolist()))
     want = [(int(i), int(j)) for i, j in zip(*np.nonzero(dets.probs))]
     objs = frames[0]["objects"]
     assert len(objs) == len(want) > 0

@@ -88,3 +88,9 @@ def test_with_darknets_avx_maxpool_bug_every_entry_matches(model, monkeypatch):
     np.testing.assert_array_equal(ours[:, 0], darknet[:, 0])
     # the file prints 6 decimals; yolov4-csp's outputs agree with Darknet to ~1e-5 (oracle tolerance)
     np.testing.assert_allclose(ours[:, 1:], darknet[:, 1:], rtol=0, atol=1e-4)
+    # `detect --json` gets that order from the Detector itself
+    det.darknet_array_order = True
+    with torch.no_grad():
+        via_detector = det.detect(str(IMAGES / "dog.png"))[0]
+    np.testing.assert_array_equal(
+        _entries(json_frame(via_detector, COCO_NAMES, 1, "images/dog.png")), ours)
