@@ -362,10 +362,9 @@ def register(group: click.Group) -> None:
             det = Detector(model, thresh=thresh, nms=nms, letter_box=letter_box, winograd=winograd,
                            dtype=cuda_dtype, cuda_graph=cuda_graph, tta=tta,
                            precision=cpu_precision, calib=calib, calib_cache=calib_cache,
-                           calib_count=calib_count)
+                           calib_count=calib_count, darknet_array_order=True)
         for w in caught:  # e.g. no bf16 instructions: running float32
             click.echo(f"warning: {w.message}", err=True)
-        det.darknet_array_order = True  # --json/--coco-json list boxes as Darknet's -out does
         label_names = _read_names(names, det.classes)
         single = len(items) == 1 and items[0][0] == "image" and not missing
         run = _Run(det, label_names, thresh, out, verbose=single)

@@ -140,7 +140,7 @@ class Detector:
                  micro_batch: Optional[int] = None,
                  winograd: Union[bool, int] = False, cuda_graph: bool = False,
                  tta: bool = False, precision: str = "fp32", calib=None, calib_cache=None,
-                 calib_count: Optional[int] = None):
+                 calib_count: Optional[int] = None, darknet_array_order: bool = False):
         specs = model.heads
         if not specs:
             raise DarknetError(f"{os.path.basename(model.graph.path)}: no [yolo], "
@@ -193,7 +193,7 @@ class Detector:
         # detect_loaded's boxes in the order Darknet's NMS leaves its array (what its -out JSON
         # lists; `detect --json` uses it); off, the boxes keep the decoding order (layer, anchor,
         # cell), the order the API's Detections always have
-        self.darknet_array_order = False
+        self.darknet_array_order = bool(darknet_array_order)
 
     # ---------------------------------------------------------------------------- steps
     def prepare(self, image: Image) -> Tuple[np.ndarray, Tuple[int, int]]:
