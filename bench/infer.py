@@ -14,7 +14,9 @@ prepacked oneDNN convolutions (``model.prepack()``), in-place one-exp mish, batc
 to 4 images at once; "compiled" adds ``model.compile_activations()`` (detect --compile); "winograd" adds
 Winograd 3x3 convolutions to that (detect --compile --winograd; opt-in). "bf16" and "int8"
 are ``Detector(precision=...)`` (detect --bf16 / --int8; opt-in, not Darknet's numbers;
-int8 calibrated on the shared images; darknet_cfg/lowp.py). ``--levers`` adds
+int8 calibrated on the shared images; darknet_cfg/lowp.py); "int8-ort" is ONNX Runtime's
+static quantization of the ONNX export on the same images (bench/int8_ort.py), for comparison.
+``--levers`` adds
 "fused+winograd" (detect --winograd, without --compile) and "fused+winograd2" (F(2x2) tiles
 only, ``Detector(winograd=2)``). The process runs with
 ``runtime.keep_freed_memory()`` as Detector sets it (process-wide, so every engine has it).
@@ -49,7 +51,7 @@ import numpy as np  # noqa: E402  (torch is imported lazily: the memory probes o
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DARKNET_CFG_SHARED", REPO.parent / "shared"))
 MODELS = {"yolov4-tiny": 416, "yolov4": 416, "yolov4-csp": 512}
-TORCH_ENGINES = ("eager", "fused", "compiled", "winograd", "bf16", "int8")
+TORCH_ENGINES = ("eager", "fused", "compiled", "winograd", "bf16", "int8", "int8-ort")
 ENGINES = TORCH_ENGINES + ("onnxruntime", "opencv")
 
 
@@ -140,8 +142,18 @@ class Engine:
                 from darknet_cfg import lowp
                 from darknet_cfg.infer import Detector
                 prep = Detector(darknet_cfg.load(cfg, weights)).prepare
-                self.run = lowp.int8_runner(model, prep, sorted(_image().parent.glob("*.png")),
-                                            Path(weights).with_suffix(".int8.onnx"))
+                self.dtype = lowp.to_int8(model, lowp.int8_ranges(
+                    model, prep, sorted(_image().parent.glob("*.png")),
+                    Path(weights).with_suffix(".int8.json")))
+            if kind == "int8-ort":  # ONNX Runtime's static quantization, the same images
+                import int8_ort
+                from darknet_cfg.infer import Detector
+                prep = Detector(darknet_cfg.load(cfg, weights)).prepare
+                path = Path(weights).with_suffix(".int8.onnx")
+                if not path.exists():
+                    int8_ort.quantize(model, [prep(p)[0][None] for p in
+                                              sorted(_image().parent.glob("*.png"))], path)
+                self.run = int8_ort.Int8Runner(path, THREADS)
                 opts = dict(opts, channels_last=False, prepack=False)
             if kind in ("compiled", "winograd"):
                 model.compile_activations()

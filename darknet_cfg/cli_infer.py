@@ -311,15 +311,15 @@ def register(group: click.Group) -> None:
                   help="CPU with AVX512-BF16 or AMX: bfloat16 convolutions (float32 heads, decode "
                        "and NMS); CUDA: bfloat16 model; faster, not Darknet's numbers (README)")
     @click.option("--int8", is_flag=True,
-                  help="CPU with VNNI or AMX: int8 static quantization run by ONNX Runtime, "
-                       "calibrated on --calib images and saved to --calib-cache")
+                  help="CPU with VNNI or AMX: int8 convolutions (oneDNN), calibrated on --calib "
+                       "images, ranges saved to --calib-cache; not Darknet's numbers (README)")
     @click.option("--calib", type=click.Path(exists=True, file_okay=False),
                   help="--int8: folder of calibration images (the first --calib-count, sorted)")
     @click.option("--calib-count", type=click.IntRange(min=1), default=32, show_default=True,
                   help="--int8: number of calibration images")
     @click.option("--calib-cache", type=click.Path(dir_okay=False),
-                  help="--int8: the calibrated int8 model, reused while cfg, weights and size are "
-                       "unchanged [default: beside the weights, WEIGHTS.<w>x<h>.int8.onnx]")
+                  help="--int8: the calibration (JSON), reused while cfg, weights and size are "
+                       "unchanged [default: beside the weights, WEIGHTS.<w>x<h>.int8.json]")
     @_friendly
     def detect(cfg, weights, sources, names, thresh, nms, width, height, letter_box, out_dir,
                json_path, coco_json, batch, device, compile_, winograd, half, cuda_graph, tta,
@@ -354,7 +354,7 @@ def register(group: click.Group) -> None:
         if sum((bf16, int8, half)) > 1:
             raise DarknetError("--half, --bf16 and --int8: choose one")
         if int8 and calib_cache is None:
-            calib_cache = f"{weights}.{model.width}x{model.height}.int8.onnx"
+            calib_cache = f"{weights}.{model.width}x{model.height}.int8.json"
         cuda_dtype = torch.float16 if half else torch.bfloat16 if bf16 and device == "cuda" else None
         cpu_precision = "bf16" if bf16 and device != "cuda" else "int8" if int8 else "fp32"
         with warnings.catch_warnings(record=True) as caught:

@@ -126,9 +126,9 @@ class Detector:
     ``tta``: test-time augmentation (tta.py): the Scaled-YOLOv4 passes (scale 1, 0.83 flipped,
     0.67) merged before NMS; about 2x the forward cost.
     ``precision`` (opt-in, CPU; not Darknet's numbers, darknet_cfg/lowp.py): ``"bf16"`` bfloat16
-    convolutions (float32 heads, decode and NMS), ``"int8"`` ONNX Runtime static quantization
-    calibrated on ``calib`` (a folder of images, the first ``calib_count``) and saved to
-    ``calib_cache`` (reused while the model is unchanged). Where the CPU lacks the instructions
+    convolutions (float32 heads, decode and NMS), ``"int8"`` static quantization (oneDNN VNNI
+    convolutions, the rest as bf16) calibrated on ``calib`` (a folder of images, the first
+    ``calib_count``) and saved to ``calib_cache`` (reused while the model is unchanged). Where the CPU lacks the instructions
     it warns and runs float32; ``self.precision`` says what runs.
     On CPU it also calls ``runtime.keep_freed_memory()`` (glibc malloc keeps freed activation
     memory for the next forward: 5-10% faster; ``DARKNET_CFG_MALLOC=0`` turns it off).
@@ -161,9 +161,8 @@ class Detector:
             lowp.to_bf16(self.model)
             dtype = torch.bfloat16
         elif self.precision == "int8":
-            self._run = lowp.int8_runner(self.model, self.prepare, calib, calib_cache,
-                                         calib_count or lowp.CALIB_IMAGES)
-            channels_last, prepack = False, False  # ONNX Runtime takes NCHW float32
+            dtype = lowp.to_int8(self.model, lowp.int8_ranges(
+                self.model, self.prepare, calib, calib_cache, calib_count or lowp.CALIB_IMAGES))
         self.dtype = dtype or torch.float32
         if channels_last is None:
             channels_last = self.device.type == "cpu"
@@ -174,7 +173,7 @@ class Detector:
             self.model.to(memory_format=torch.channels_last)
         if prepack is None:
             prepack = self.device.type == "cpu" and (self.dtype == torch.float32
-                                                     or self.precision == "bf16")
+                                                     or self.precision != "fp32")
         if prepack:
             self.model.prepack(winograd=winograd)
         if self.device.type == "cpu":

@@ -7,24 +7,24 @@ compiling on first use). The convolutions that feed the detection layers, the de
 themselves, decoding and NMS stay float32. Needs AVX512-BF16 or AMX: elsewhere oneDNN would
 emulate bfloat16 slower than float32, so ``Detector`` warns and runs float32.
 
-``int8``: post-training static quantization by ONNX Runtime (QDQ, per-channel int8 weights,
-uint8 activations with MinMax ranges) of the model's ONNX export, calibrated on the user's
-images, run by ONNX Runtime's CPU kernels (VNNI). Convolutions, max-pool, concat, upsample and
-leaky are quantized (``QUANTIZED_OPS``); the first convolution, the convolutions that feed the
-detection layers, mish and shortcut adds stay float32. The quantized model is saved (``calib_cache``)
-with a fingerprint of the float model, so later runs load it instead of calibrating again.
-Needs AVX512-VNNI, AVX-VNNI or AMX (elsewhere ONNX Runtime's uint8 x int8 kernels may saturate)
-and ``onnxruntime``.
+``int8``: post-training static quantization in PyTorch, run by oneDNN's VNNI kernels
+(layers/quantized.py): every convolution except the first one, those feeding the detection
+layers, binary and shared ones takes a uint8 input (one range per layer, the min and max over
+the user's calibration images) and int8 weights (per output channel), accumulates in int32 and
+writes bfloat16; the rest runs as in ``bf16`` (float32 where the CPU has no bfloat16). The
+ranges are saved as JSON (``calib_cache``) with a fingerprint of the float model, so later runs
+reuse them instead of calibrating again. Needs AVX512-VNNI, AVX-VNNI or AMX: elsewhere oneDNN's
+int8 kernels are slower than float32, so ``Detector`` warns and runs float32. (ONNX Runtime's
+static quantization of the ONNX export measured no faster here: bench/infer.py ``int8-ort``.)
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import tempfile
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,7 +33,6 @@ from .errors import DarknetError
 
 PRECISIONS = ("fp32", "bf16", "int8")
 CALIB_IMAGES = 32    # default number of calibration images (the first ones of the folder, sorted)
-_FINGERPRINT_KEY = "darknet_cfg.fingerprint"
 
 
 # ------------------------------------------------------------------------- CPU capability
@@ -76,12 +75,21 @@ def resolve(precision: str, device: torch.device) -> str:
     if device.type != "cpu":
         warnings.warn(f"precision={precision!r} is for CPUs; running float32 on {device.type}")
         return "fp32"
+    if precision == "int8" and not _int8_kernels():
+        warnings.warn("precision='int8': this PyTorch build has no oneDNN int8 convolution "
+                      "(torch.ops.onednn.qconv2d_pointwise); running float32")
+        return "fp32"
     if not cpu_supports(precision):
         need = "AVX512-BF16 or AMX" if precision == "bf16" else "AVX512-VNNI, AVX-VNNI or AMX"
         warnings.warn(f"precision={precision!r}: this CPU has no {need} instructions (emulation "
                       f"would be slower than float32); running float32")
         return "fp32"
     return precision
+
+
+def _int8_kernels() -> bool:
+    from .layers.quantized import available
+    return available()
 
 
 # ---------------------------------------------------------------------------------- bf16
@@ -103,6 +111,9 @@ def to_bf16(model) -> None:
 
 # ---------------------------------------------------------------------------------- int8
 
+CALIBRATION_FORMAT = 1  # version of the saved calibration (JSON)
+
+
 def fingerprint(model) -> str:
     """Hash of what the float model computes: cfg text, input size, every tensor."""
     h = hashlib.blake2b(digest_size=16)
@@ -114,111 +125,77 @@ def fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def _ort():
+def int8_layers(model) -> List[int]:
+    """The convolutions run in int8: every fused [convolutional] except the first one (it reads
+    the image), those feeding the detection layers (accuracy), binary/xnor and shared ones."""
+    from .layers.conv import ConvBnAct
+    from .layers.quantized import QuantizedConv
+    layers = [m.layer if isinstance(m, QuantizedConv) else m for m in model.layers]
+    convs = [i for i, m in enumerate(layers) if isinstance(m, ConvBnAct)]
+    keep = set(head_feeders(model)) | set(convs[:1])
+    return [i for i in convs if i not in keep and not layers[i]._shared and not layers[i].binary]
+
+
+@torch.no_grad()
+def calibrate(model, batches: Sequence[np.ndarray]) -> Dict[int, Tuple[float, float]]:
+    """Input (min, max) of each int8 convolution over ``batches`` (MinMax calibration), from
+    float32 forwards of ``model`` (fused)."""
+    ranges: Dict[int, List[float]] = {}
+
+    def hook(i):
+        def record(_module, inputs):
+            t = inputs[0]
+            lo, hi = float(t.min()), float(t.max())
+            r = ranges.setdefault(i, [lo, hi])
+            r[0], r[1] = min(r[0], lo), max(r[1], hi)
+        return record
+
+    hooks = [model.layers[i].register_forward_pre_hook(hook(i)) for i in int8_layers(model)]
+    was = model.training
+    model.eval()
     try:
-        import onnxruntime
-        from onnxruntime import quantization  # noqa: F401
-    except ImportError:
-        raise DarknetError("int8 inference needs onnxruntime: pip install onnxruntime "
-                           "(or pip install 'darknet_cfg[onnx]')") from None
-    return onnxruntime
-
-
-def _float_convs(onnx_model) -> List[str]:
-    """Names of the Conv nodes kept float32: the one reading the input, and those whose output
-    reaches a graph output through non-Conv nodes only (the convolutions feeding the heads)."""
-    nodes = onnx_model.graph.node
-    producer = {o: n for n in nodes for o in n.output}
-    keep = [n.name for n in nodes if n.op_type == "Conv" and "input" in n.input]
-    stack, seen = [o.name for o in onnx_model.graph.output], set()
-    while stack:
-        n = producer.get(stack.pop())
-        if n is None or n.name in seen:
-            continue
-        seen.add(n.name)
-        if n.op_type == "Conv":
-            keep.append(n.name)
-        else:
-            stack.extend(n.input)
-    return keep
-
-
-CALIBRATION = "MinMax"  # onnxruntime.quantization.CalibrationMethod
-# quantized operators; the rest (mish's element-wise ops, shortcut adds, the heads) run in float
-QUANTIZED_OPS = ["Conv", "MaxPool", "Concat", "Resize", "LeakyRelu", "Relu"]
-
-
-def _mish_exp(x: torch.Tensor) -> torch.Tensor:
-    """mish as x * n / (n + 2), n = e * (e + 2), e = exp(min(x, 20)) (layers/activations.py
-    ``_mish_one_exp``); for x > 20, n / (n + 2) rounds to 1 in float32, so no Where is needed."""
-    e = torch.exp(torch.clamp(x, max=20.0))
-    n = e * (e + 2)
-    return x * (n / (n + 2))
-
-
-@contextmanager
-def _one_exp_mish(model):
-    """Export mish as exp and arithmetic: ONNX Runtime's Softplus, which the Mish op expands
-    to, is 20-40x slower than its Exp (and its Where is slow too)."""
-    from .layers.activations import ACTIVATIONS, Activation
-    acts = [m for m in model.modules() if isinstance(m, Activation) and m.name == "mish"]
-    for m in acts:
-        m.fn = _mish_exp
-    try:
-        yield
+        for b in batches:
+            model(torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)))
     finally:
-        for m in acts:
-            m.fn = ACTIVATIONS["mish"]
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return {i: (lo, hi) for i, (lo, hi) in ranges.items()}
 
 
-def quantize(model, batches: Sequence[np.ndarray], path, fp: str) -> None:
-    """Export ``model`` (fused, float32) to ONNX and write its int8 QDQ quantization to ``path``,
-    with activation ranges from ``batches`` (each (1, 3, h, w) float32)."""
-    import onnx
-    _ort()
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+def to_int8(model, ranges: Dict[int, Tuple[float, float]]) -> torch.dtype:
+    """The calibrated convolutions replaced by int8 ones (layers/quantized.py), the rest as
+    ``to_bf16`` makes it (float32, with mish compiled, on a CPU without bfloat16). Returns the
+    dtype the model's input takes."""
+    from .layers.quantized import QuantizedConv
+    dtype = torch.bfloat16 if cpu_supports("bf16") else torch.float32
+    if dtype == torch.bfloat16:
+        to_bf16(model)
+    else:
+        model.fuse().compile_activations()
+    for i in int8_layers(model):
+        if i in ranges:
+            model.layers[i] = QuantizedConv(model.layers[i], *ranges[i], out_dtype=dtype)
+    return dtype
+
+
+def save_calibration(path, fp: str, ranges: Dict[int, Tuple[float, float]], count: int) -> None:
+    """The ranges as JSON, with the model's fingerprint (written to a temporary file, then renamed)."""
     from .converters.weights import atomic_write
-    from .export import export_onnx
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(batches)
-
-        def get_next(self):
-            x = next(self.it, None)
-            return None if x is None else {"input": x}
-
-    with tempfile.TemporaryDirectory(prefix="darknet-cfg-int8.") as tmp:
-        f32, pre, q8 = (os.path.join(tmp, f) for f in ("f32.onnx", "pre.onnx", "int8.onnx"))
-        with _one_exp_mish(model):
-            export_onnx(model, f32, dynamic_batch=True)
-        quant_pre_process(f32, pre, skip_symbolic_shape=True)
-        keep = _float_convs(onnx.load(pre))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_static(pre, q8, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=getattr(CalibrationMethod, CALIBRATION),
-                            nodes_to_exclude=keep,
-                            op_types_to_quantize=QUANTIZED_OPS)
-        m = onnx.load(q8)
-        onnx.helper.set_model_props(m, {_FINGERPRINT_KEY: fp, "darknet_cfg.calibration_images":
-                                        str(len(batches))})
-        atomic_write(Path(path), [m.SerializeToString()])
+    doc = {"format": CALIBRATION_FORMAT, "fingerprint": fp, "calibration_images": count,
+           "ranges": {str(i): [lo, hi] for i, (lo, hi) in sorted(ranges.items())}}
+    atomic_write(Path(path), [json.dumps(doc, indent=1).encode()])
 
 
-def cached_fingerprint(path) -> Optional[str]:
-    """The fingerprint stored in a saved int8 model, or None (no file, not ours)."""
-    if not os.path.isfile(path):
-        return None
-    import onnx
+def load_calibration(path, fp: str) -> Optional[Dict[int, Tuple[float, float]]]:
+    """The saved ranges when ``path`` holds this model's calibration, else None."""
     try:
-        m = onnx.load(os.fspath(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 (a truncated or foreign file: calibrate again)
-        return None
-    return {p.key: p.value for p in m.metadata_props}.get(_FINGERPRINT_KEY)
+        doc = json.loads(Path(path).read_text())
+        if doc.get("format") != CALIBRATION_FORMAT or doc.get("fingerprint") != fp:
+            return None
+        return {int(i): (float(lo), float(hi)) for i, (lo, hi) in doc["ranges"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # missing, truncated or foreign: calibrate again
 
 
 def calibration_images(source, count: int = CALIB_IMAGES) -> list:
@@ -236,42 +213,24 @@ def calibration_images(source, count: int = CALIB_IMAGES) -> list:
     return paths[:count]
 
 
-class Int8Runner:
-    """``runner(x)`` -> head outputs as torch tensors, from ONNX Runtime's int8 session."""
-
-    def __init__(self, path, threads: Optional[int] = None):
-        ort = _ort()
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads or torch.get_num_threads()
-        so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(os.fspath(path), so,
-                                            providers=["CPUExecutionProvider"])
-
-    def __call__(self, x: torch.Tensor) -> List[torch.Tensor]:
-        outs = self.session.run(None, {"input": x.float().contiguous().numpy()})
-        return [torch.from_numpy(o) for o in outs]
-
-
-def int8_runner(model, prepare: Callable, calib=None, calib_cache=None,
-                calib_count: int = CALIB_IMAGES) -> Int8Runner:
-    """The int8 session for ``model`` (fused here): loaded from ``calib_cache`` when it holds this
-    model's quantization, else calibrated on ``calib`` (a folder or image paths; ``prepare``
+def int8_ranges(model, prepare: Callable, calib=None, calib_cache=None,
+                calib_count: int = CALIB_IMAGES) -> Dict[int, Tuple[float, float]]:
+    """The calibrated input ranges for ``model`` (fused here): read from ``calib_cache`` when it
+    holds this model's calibration, else measured on ``calib`` (a folder or images; ``prepare``
     makes the network input of one) and saved to ``calib_cache`` (when given)."""
     model.fuse()
     fp = fingerprint(model)
-    if calib_cache is not None and cached_fingerprint(calib_cache) == fp:
-        return Int8Runner(calib_cache)
+    if calib_cache is not None:
+        ranges = load_calibration(calib_cache, fp)
+        if ranges is not None:
+            return ranges
     if calib is None:
         why = f"{calib_cache} is for another model" if calib_cache is not None and \
             os.path.exists(calib_cache) else "no saved calibration"
         raise DarknetError(f"int8 needs calibration images ({why}): pass a folder of images "
                            "(detect --calib DIR)")
-    batches = [prepare(p)[0][None] for p in calibration_images(calib, calib_count)]
+    images = calibration_images(calib, calib_count)
+    ranges = calibrate(model, [prepare(p)[0][None] for p in images])
     if calib_cache is not None:
-        quantize(model, batches, calib_cache, fp)
-        return Int8Runner(calib_cache)
-    with tempfile.TemporaryDirectory(prefix="darknet-cfg-int8.") as tmp:
-        path = os.path.join(tmp, "int8.onnx")
-        quantize(model, batches, path, fp)
-        return Int8Runner(path)  # the session keeps what it needs in memory
+        save_calibration(calib_cache, fp, ranges, len(images))
+    return ranges

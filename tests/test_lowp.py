@@ -9,11 +9,13 @@ boxes kept. Measured here: 0.029 / 0.235 (outputs), 0.021 / 0.092 (boxes), 0.004
 On a CPU without the instructions each path must fall back to float32 with a warning, so
 every test passes with or without them.
 """
+import json
 import warnings
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import IMAGES, ORACLE, REPO, needs_shared, oracle_io
 
@@ -21,6 +23,7 @@ import darknet_cfg
 from darknet_cfg import lowp
 from darknet_cfg.errors import DarknetError
 from darknet_cfg.infer import Detector
+from darknet_cfg.layers.quantized import QuantizedConv
 
 TOL = {"bf16": dict(out=0.06, box=0.05, prob=0.02), "int8": dict(out=0.5, box=0.2, prob=0.1)}
 SIZE = 224
@@ -102,10 +105,7 @@ def test_bf16_close_to_float32(tmp_path, monkeypatch):
 
 
 @needs_shared
-@pytest.mark.onnx
 def test_int8_close_to_float32(tmp_path):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
     load = _oracle_tiny(tmp_path)
     det32 = Detector(load().fuse())
     with warnings.catch_warnings(record=True) as caught:
@@ -114,23 +114,69 @@ def test_int8_close_to_float32(tmp_path):
     if det.precision == "fp32":  # no VNNI: the fallback said so
         assert any("running float32" in str(w.message) for w in caught)
         return
+    q = [i for i, m in enumerate(det.model.layers) if isinstance(m, QuantizedConv)]
+    assert q == lowp.int8_layers(det.model) and len(q) == 18  # 21 convolutions, 3 kept float
+    assert det.model.layers[0].conv.weight.dtype != torch.float32 or not lowp.cpu_supports("bf16")
     _close(det32, det, TOL["int8"])
 
 
-@pytest.mark.onnx
+def test_int8_without_bfloat16(monkeypatch):
+    """VNNI without AVX512-BF16 (e.g. Cascade Lake): int8 convolutions, the rest float32."""
+    monkeypatch.setattr(lowp, "cpu_supports", lambda p: p != "bf16")
+    rng = np.random.default_rng(0)
+    images = [rng.random((3, 96, 96), np.float32) for _ in range(2)]
+    det = Detector(_mini(), precision="int8", calib=images)
+    assert det.precision == "int8" and det.dtype == torch.float32
+    q = [m for m in det.model.layers if isinstance(m, QuantizedConv)]
+    assert q and all(m.out_dtype == torch.float32 for m in q)
+    out, ref = det.forward(images[0][None])[0], Detector(_mini()).forward(images[0][None])[0]
+    for k in ref:
+        assert out[k].dtype == np.float32
+        assert np.abs(out[k] - ref[k]).max() <= TOL["int8"]["out"] * max(1, np.abs(ref[k]).max())
+
+
+def test_quantized_conv_error_bound():
+    """One int8 convolution against float32: within the rounding of its two grids."""
+    from darknet_cfg.layers.conv import ConvBnAct
+    from darknet_cfg.layers.quantized import input_qparams
+    torch.manual_seed(0)
+    for size, stride, act in ((3, 1, "linear"), (3, 2, "leaky"), (1, 1, "mish"), (3, 1, "relu")):
+        layer = ConvBnAct(16, 24, size, (stride, stride), pad=size // 2, batch_normalize=True,
+                          activation=act).eval()
+        with torch.no_grad():
+            layer.bn.running_mean.uniform_(-0.2, 0.2)
+            layer.bn.running_var.uniform_(0.5, 2)
+        layer.fuse()
+        x = (torch.rand(1, 16, 20, 20) * 3 - 0.5).contiguous(memory_format=torch.channels_last)
+        q = QuantizedConv(layer, float(x.min()), float(x.max()), out_dtype=torch.float32)
+        with torch.no_grad():
+            conv = F.conv2d(x, layer.conv.weight, layer.conv.bias, stride, size // 2)
+            ref = layer(x)
+            got = q(x)
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        s, _ = input_qparams(float(x.min()), float(x.max()))
+        w = layer.conv.weight
+        w_step = w.abs().flatten(1).amax(1) / 127
+        # |dy| <= sum |w| * s/2 + sum |x| * w_step/2, per output channel
+        bound = (w.abs().flatten(1).sum(1) * s / 2 +
+                 x.abs().max() * w[0].numel() * w_step / 2).view(1, -1, 1, 1)
+        assert (got - ref).abs().le(bound * 1.01 + 1e-5).all(), act  # activations are 1-Lipschitz-ish
+        assert float((got - ref).abs().max()) < 0.25 * float(conv.abs().max())
+
+
 def test_int8_calibration_saved_and_reused(tmp_path, monkeypatch):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
     monkeypatch.setattr(lowp, "cpu_supports", lambda p: True)  # the file round trip runs anywhere
     rng = np.random.default_rng(0)
     images = [rng.random((3, 96, 96), np.float32) for _ in range(3)]
-    cache = tmp_path / "mini.int8.onnx"
+    cache = tmp_path / "mini.int8.json"
     first = Detector(_mini(), precision="int8", calib=images, calib_cache=cache)
     assert first.precision == "int8" and cache.is_file()
+    doc = json.loads(cache.read_text())
+    assert doc["calibration_images"] == 3 and len(doc["ranges"]) == len(lowp.int8_layers(first.model))
 
     def no_calibration(*a, **k):
         raise AssertionError("calibrated again")
-    monkeypatch.setattr(lowp, "quantize", no_calibration)
+    monkeypatch.setattr(lowp, "calibrate", no_calibration)
     again = Detector(_mini(), precision="int8", calib_cache=cache)  # no images needed
     x = np.stack(images[:2])
     a, b = first.forward(x), again.forward(x)
@@ -141,6 +187,11 @@ def test_int8_calibration_saved_and_reused(tmp_path, monkeypatch):
         other.layers[0].conv.weight.mul_(2)
     with pytest.raises(DarknetError, match="is for another model"):
         Detector(other, precision="int8", calib_cache=cache)
+    cache.write_text('{"format": 1, "fingerprint"')  # truncated: calibrated again, rewritten
+    monkeypatch.undo()
+    monkeypatch.setattr(lowp, "cpu_supports", lambda p: True)
+    Detector(_mini(), precision="int8", calib=images, calib_cache=cache)
+    assert json.loads(cache.read_text())["ranges"] == doc["ranges"]
 
 
 def test_bf16_padded_maxpool():
