@@ -293,16 +293,13 @@ def nms_matrix(dets: Detections, nms_thresh: float = 0.45, kind: str = "default"
     # class (nms_orders: prob descending, ties as its stable qsort leaves them), then padded to
     # a (classes, L) table: Darknet's per-class greedy passes run in lockstep, L = the most
     # candidates any class has
-    sub = probs[np.ix_(rows, classes)]                         # (n, K)
-    r, c = np.nonzero(sub)
     _, per_class = nms_orders(dets, classes)
-    rank = np.zeros((len(classes), len(dets)), np.int64)      # place in class k's pass
-    for ci, k in enumerate(classes):
-        rank[ci, per_class[k]] = np.arange(len(per_class[k]))
-    order = np.lexsort((rank[c, rows[r]], c))
-    r, c = r[order], c[order]
-    starts = np.searchsorted(c, np.arange(len(classes)))
-    pos = np.arange(len(c)) - starts[c]
+    lens = np.array([len(per_class[k]) for k in classes])
+    row_of = np.full(len(dets), -1, np.int64)
+    row_of[rows] = np.arange(len(rows))
+    r = row_of[np.concatenate([per_class[k] for k in classes])]     # rows, class by class
+    c = np.repeat(np.arange(len(classes)), lens)
+    pos = np.arange(len(r)) - np.repeat(np.cumsum(lens) - lens, lens)  # place in its pass
     L, n = int(pos.max()) + 1, len(rows)
     chunk = max(1, (1 << 24) // (L * L))                       # bounds the (K, L, L) gather
     for lo in range(0, len(classes), chunk):

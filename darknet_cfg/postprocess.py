@@ -445,29 +445,51 @@ def _active_order(objectness: np.ndarray) -> np.ndarray:
     return order[:total]
 
 
+def _qsort_keys(probs: np.ndarray) -> np.ndarray:
+    """Per-class keys whose stable ascending sort is Darknet's qsort of that class: probability
+    descending, the zeros (all equal) last; a NaN counts as non-zero and goes after the numbers,
+    as ``argsort`` of ``-prob`` leaves it."""
+    key = np.where(probs != 0, -probs, np.float32(1)).astype(probs.dtype, copy=False)
+    key[np.isnan(probs)] = 0.5
+    return key
+
+
 def nms_orders(dets: Detections, classes=None):
     """Darknet's array order during ``do_nms_sort`` / ``diounms_sort``.
 
-    Returns ``(final, per_class)``: ``per_class[k]`` lists the box indices (objectness != 0
-    only) in the order of class k's greedy pass, ``final`` the order the array is left in (the
-    order ``validate_detector_map`` and the ``-out`` writers then walk). Each class's ``qsort``
-    by ``prob[k]`` descending reorders the whole array in place, and glibc's qsort is a merge
-    sort (stable), so boxes with equal ``prob[k]`` keep the order of the previous class's sort.
-    The keys are the probabilities before NMS (class k's pass only changes ``prob[k]``).
+    Returns ``(final, per_class)``: ``per_class[k]`` lists the boxes with ``prob[k] != 0``
+    (objectness != 0 only) in the order of class k's greedy pass, ``final`` the order the array
+    is left in (the order ``validate_detector_map`` and the ``-out`` writers then walk). Each
+    class's ``qsort`` by ``prob[k]`` descending reorders the whole array in place, and glibc's
+    qsort is a merge sort (stable), so boxes with equal ``prob[k]`` keep the order of the
+    previous class's sort. The keys are the probabilities before NMS (class k's pass only
+    changes ``prob[k]``). A chain of stable sorts by key 0, 1, ..., K-1 is one lexicographic
+    sort by (key K-1, ..., key 0, initial place): ``final`` is one ``lexsort``, and class k's
+    order is its own key's, with the order before class k (a ``lexsort`` by the earlier keys)
+    deciding only where two of its non-zero probabilities tie.
     ``classes``: the classes whose order is wanted in ``per_class`` (default all)."""
-    probs = dets.probs
-    want = set(range(probs.shape[1]) if classes is None else (int(k) for k in classes))
     order = _active_order(dets.objectness)
+    n, n_classes = len(order), dets.probs.shape[1]
+    key = _qsort_keys(dets.probs[order])                       # (n, K), rows in initial order
+    init = np.arange(n)
+    final = order[np.lexsort((init,) + tuple(key.T))] if n_classes else order
+    want = list(range(n_classes)) if classes is None else sorted({int(k) for k in classes})
     per_class = {}
-    for k in range(probs.shape[1]):
-        col = probs[order, k]
-        nz = np.flatnonzero(col != 0)
-        if len(nz):  # a stable sort by -p moves the non-zero ones first, the rest keep order
-            lead = order[nz[np.argsort(-col[nz], kind="stable")]]
-            order = np.concatenate([lead, order[col == 0]])
-        if k in want:
-            per_class[k] = order
-    return order, per_class
+    if not want or n == 0:
+        return final, {k: order[:0] for k in want}
+    kw = key[:, want]
+    srt = np.argsort(kw, axis=0, kind="stable")                # ties: initial order
+    sk = np.take_along_axis(kw, srt, axis=0)
+    counts = (dets.probs[order][:, want] != 0).sum(axis=0)
+    tied = ((sk[1:] == sk[:-1]) & (init[1:, None] < counts[None, :])).any(axis=0)
+    for ci, k in enumerate(want):
+        idx = srt[:counts[ci], ci]
+        if tied[ci]:  # equal probabilities: the order the previous classes' sorts left decides
+            before = np.empty(n, np.int64)
+            before[np.lexsort((init,) + tuple(key[:, :k].T))] = init
+            idx = np.lexsort((before, key[:, k]))[:counts[ci]]
+        per_class[k] = order[idx]
+    return final, per_class
 
 
 def darknet_order(dets: Detections) -> np.ndarray:
@@ -503,8 +525,7 @@ def do_nms(dets: Detections, nms_thresh: float = 0.45, kind: str = "default",
         exponent = None  # default; cornersnms suppresses on IoU > thresh exactly like default
 
     _, per_class = nms_orders(dets)
-    for k, order in per_class.items():
-        order = order[probs[order, k] != 0]  # darknet skips exactly-zero entries
+    for k, order in per_class.items():  # darknet skips exactly-zero entries: not listed
         if len(order) < 2:
             continue
         cb = dets.boxes[order]

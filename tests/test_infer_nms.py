@@ -114,3 +114,42 @@ def test_ties_and_final_order_as_darknets_in_place_sorts(seed):
                         alt[b, k] = 0
         assert not np.array_equal(alt, want)
 
+
+
+def _orders_by_sequential_sorts(dets):
+    """The definition: one stable sort per class (prob descending, zeros last) of the array the
+    previous class left."""
+    from darknet_cfg.postprocess import _active_order
+    order = _active_order(dets.objectness)
+    per_class = {}
+    for k in range(dets.probs.shape[1]):
+        col = dets.probs[order, k]
+        nz = np.flatnonzero(col != 0)
+        lead = order[nz[np.argsort(-col[nz], kind="stable")]]
+        order = np.concatenate([lead, order[col == 0]])
+        per_class[k] = lead
+    return order, per_class
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_nms_orders_equal_sequential_sorts(seed):
+    """nms_orders' single lexsort (and per-class tie handling) equals the chain of stable sorts,
+    with ties, NaN probabilities, objectness-0 boxes and classes without boxes."""
+    from darknet_cfg.postprocess import nms_orders
+    rng = np.random.default_rng(seed)
+    n, c = int(rng.integers(0, 90)), int(rng.integers(1, 40))
+    values = rng.choice([0.3, 0.5, 0.7, 0.9], (n, c)) if seed % 2 else rng.random((n, c))
+    probs = np.where(rng.random((n, c)) < 0.3, values, 0).astype(np.float32)
+    probs[rng.random((n, c)) < 0.02] = np.nan
+    obj = np.where(rng.random(n) < 0.15, 0, 1).astype(np.float32)
+    z = np.zeros(n, np.int64)
+    dets = Detections(np.zeros((n, 4), np.float32), obj, probs, z, z, z, z, z)
+    want_final, want = _orders_by_sequential_sorts(dets)
+    final, per_class = nms_orders(dets)
+    np.testing.assert_array_equal(final, want_final)
+    assert per_class.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(per_class[k], want[k], err_msg=f"class {k}")
+    some = sorted(rng.choice(c, size=min(c, 3), replace=False).tolist())
+    _, part = nms_orders(dets, some)
+    assert sorted(part) == some and all(np.array_equal(part[k], want[k]) for k in some)
