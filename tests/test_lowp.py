@@ -1,11 +1,11 @@
 """Opt-in low precision (Detector precision="bf16" / "int8", darknet_cfg/lowp.py).
 
 Tolerances against float32 (README: Low-precision CPU inference), head outputs of the oracle's yolov4-tiny
-(synthetic weights) at 224x224: bf16 |diff| <= 0.06 * max(1, |x|), int8 <= 0.5 * max(1, |x|);
-decoded boxes both keep: coordinates (relative to the image) bf16 <= 0.05, int8 <= 0.2, class
-probabilities (where both pass thresh) bf16 <= 0.02, int8 <= 0.1; at least 80% of the float32
-boxes kept. Measured here: 0.029 / 0.235 (outputs), 0.021 / 0.092 (boxes), 0.004 / 0.037
-(probabilities), 18 of 18 / 16 of 18 boxes: the tolerances are ~2x the measured worst case.
+(synthetic weights) at 224x224: bf16 |diff| <= 0.06 * max(1, |x|), int8 <= 0.3 * max(1, |x|);
+decoded boxes both keep: coordinates (relative to the image) bf16 <= 0.05, int8 <= 0.12, class
+probabilities (where both pass thresh) bf16 <= 0.02, int8 <= 0.04; at least 80% of the float32
+boxes kept. Measured here: 0.029 / 0.143 (outputs), 0.021 / 0.059 (boxes), 0.004 / 0.019
+(probabilities), 18 of 18 / 18 of 18 boxes: the tolerances are ~2x the measured worst case.
 On a CPU without the instructions each path must fall back to float32 with a warning, so
 every test passes with or without them.
 """
@@ -25,7 +25,7 @@ from darknet_cfg.errors import DarknetError
 from darknet_cfg.infer import Detector
 from darknet_cfg.layers.quantized import QuantizedConv
 
-TOL = {"bf16": dict(out=0.06, box=0.05, prob=0.02), "int8": dict(out=0.5, box=0.2, prob=0.1)}
+TOL = {"bf16": dict(out=0.06, box=0.05, prob=0.02), "int8": dict(out=0.3, box=0.12, prob=0.04)}
 SIZE = 224
 
 
