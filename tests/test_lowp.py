@@ -78,6 +78,15 @@ def test_falls_back_to_float32_without_the_instructions(precision, monkeypatch):
         np.testing.assert_array_equal(out[k], ref[k])
 
 
+def test_int8_falls_back_without_onednn_int8_kernels(monkeypatch):
+    from darknet_cfg.layers import quantized
+    monkeypatch.setattr(lowp, "cpu_supports", lambda p: True)
+    monkeypatch.setattr(quantized, "available", lambda: False)
+    with pytest.warns(UserWarning, match="no oneDNN int8 convolution.*running float32"):
+        det = Detector(_mini(), precision="int8", calib=[np.zeros((3, 96, 96), np.float32)])
+    assert det.precision == "fp32"
+
+
 def test_float32_stays_the_default():
     det = Detector(_mini())
     assert det.precision == "fp32" and det._run is det.model
