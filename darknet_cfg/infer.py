@@ -262,13 +262,16 @@ class Detector:
 
 
 def nms_matrix(dets: Detections, nms_thresh: float = 0.45, kind: str = "default",
-               beta_nms: float = 0.6, max_boxes: int = 4096) -> Detections:
+               beta_nms: float = 0.6, max_boxes: int = 4096, dense_limit: int = 1 << 22) -> Detections:
     """``postprocess.do_nms`` with every pair's score computed once, vectorised.
 
     Same result bit for bit: the pair scores are the same float32 expressions (evaluated for
     all pairs at once instead of row by row), and each class still runs Darknet's greedy pass
     (in ``nms_orders``'s order, a box suppresses later boxes with score > thresh unless already
-    suppressed). Falls back to ``do_nms`` above ``max_boxes`` taking part (memory)."""
+    suppressed). Falls back to ``do_nms`` above ``max_boxes`` taking part (memory). The passes
+    run in lockstep on a dense (classes, L, L) table of pair flags while that has at most
+    ``dense_limit`` entries (L: the most candidates of a class), else on each step's overlapping
+    pairs only (``_greedy_sparse``: low thresholds such as ``map``'s 0.005 give thousands)."""
     if kind not in NMS_KINDS:
         raise ValueError(f"do_nms: unknown nms kind {kind!r} (expected one of {', '.join(NMS_KINDS)})")
     probs = dets.probs.copy()
@@ -301,6 +304,10 @@ def nms_matrix(dets: Detections, nms_thresh: float = 0.45, kind: str = "default"
     c = np.repeat(np.arange(len(classes)), lens)
     pos = np.arange(len(r)) - np.repeat(np.cumsum(lens) - lens, lens)  # place in its pass
     L, n = int(pos.max()) + 1, len(rows)
+    if len(classes) * L * L > dense_limit:
+        dead = _greedy_sparse(over, r, c, pos, len(classes), L)
+        probs[rows[r[dead]], classes[c[dead]]] = 0
+        return dets.with_probs(probs)
     chunk = max(1, (1 << 24) // (L * L))                       # bounds the (K, L, L) gather
     for lo in range(0, len(classes), chunk):
         sel = (c >= lo) & (c < lo + chunk)
@@ -316,6 +323,41 @@ def nms_matrix(dets: Detections, nms_thresh: float = 0.45, kind: str = "default"
         dead = ~alive[cs, ps]
         probs[rows[rs[dead]], classes[lo + cs[dead]]] = 0
     return dets.with_probs(probs)
+
+
+def _greedy_sparse(over: np.ndarray, r: np.ndarray, c: np.ndarray, pos: np.ndarray,
+                   n_classes: int, length: int) -> np.ndarray:
+    """Darknet's greedy passes of all classes in lockstep, touching overlapping pairs only.
+
+    Candidate m is box ``r[m]`` at place ``pos[m]`` of class ``c[m]``'s pass; ``over[i, j]``:
+    box i suppresses box j. Step t: every class's candidate at place t that is still alive
+    suppresses its overlapping boxes that come later in that class's pass. Returns the
+    suppressed candidates (a boolean mask over m)."""
+    n = over.shape[0]
+    src, dst = np.nonzero(over)                                 # sorted by src
+    start = np.searchsorted(src, np.arange(n + 1))
+    place = np.full((n_classes, n), -1, np.int64)               # place of box j in class k's pass
+    place[c, r] = pos
+    table = np.full((n_classes, length), -1, np.int64)
+    table[c, pos] = np.arange(len(r))
+    alive = np.zeros((n_classes, length), bool)
+    alive[c, pos] = True
+    degree = (start[1:] - start[:-1])[r]                        # overlapping boxes per candidate
+    steps = np.unique(pos[degree > 0])
+    steps = steps[steps < length - 1]
+    for t in steps:
+        m = table[:, t]
+        m = m[(m >= 0) & alive[:, t]]                           # alive boxes at place t
+        m = m[degree[m] > 0]
+        if len(m) == 0:
+            continue
+        cnt = degree[m]
+        first = np.repeat(start[r[m]] - (np.cumsum(cnt) - cnt), cnt) + np.arange(int(cnt.sum()))
+        k = np.repeat(c[m], cnt)
+        later = place[k, dst[first]]
+        hit = later > t
+        alive[k[hit], later[hit]] = False
+    return ~alive[c, pos]
 
 
 # ------------------------------------------------------------------------------ output formats

@@ -153,3 +153,31 @@ def test_nms_orders_equal_sequential_sorts(seed):
     some = sorted(rng.choice(c, size=min(c, 3), replace=False).tolist())
     _, part = nms_orders(dets, some)
     assert sorted(part) == some and all(np.array_equal(part[k], want[k]) for k in some)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("kind", ["default", "diounms"])
+def test_nms_sparse_lockstep_equals_do_nms(seed, kind):
+    """The sparse path (many candidates per class, e.g. map's thresh 0.005) equals do_nms."""
+    rng = np.random.default_rng(100 + seed)
+    n, c = int(rng.integers(50, 400)), int(rng.integers(1, 12))
+    centres = rng.uniform(0.2, 0.8, (int(rng.integers(3, 30)), 2))
+    xy = centres[rng.integers(0, len(centres), n)] + rng.normal(0, 0.03, (n, 2))
+    boxes = np.concatenate([xy, rng.uniform(0.02, 0.3, (n, 2))], axis=1).astype(np.float32)
+    values = rng.choice([0.3, 0.5, 0.7], (n, c)) if seed % 2 else rng.random((n, c))
+    probs = np.where(rng.random((n, c)) < 0.5, values, 0).astype(np.float32)
+    obj = np.where(rng.random(n) < 0.1, 0, 1).astype(np.float32)
+    z = np.zeros(n, np.int64)
+    dets = Detections(boxes, obj, probs, z, z, z, z, z)
+    want = do_nms(dets, 0.45, kind, 0.6).probs
+    np.testing.assert_array_equal(nms_matrix(dets, 0.45, kind, 0.6, dense_limit=0).probs, want)
+    np.testing.assert_array_equal(nms_matrix(dets, 0.45, kind, 0.6).probs, want)
+
+
+@needs_shared
+@pytest.mark.parametrize("model_dir", _detector_dirs(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_nms_sparse_equals_do_nms_on_oracles(model_dir):
+    heads, dets, after, ref, _ = _run_oracle(model_dir)
+    last = heads[ref["nms_layer"]]
+    got = nms_matrix(dets, ref["nms"], last.nms_kind, last.beta_nms, dense_limit=0)
+    np.testing.assert_array_equal(got.probs, after.probs)
