@@ -209,8 +209,9 @@ def test_strided_input_and_thresholds():
 
 
 def test_prefilter_default():
-    assert prefilter_default(torch.device("cuda")) is True
-    assert isinstance(prefilter_default(torch.device("cpu")), bool)
+    assert prefilter_default(torch.device("cuda"), 0.005) is True
+    assert prefilter_default(torch.device("cpu"), 0.25) is True
+    assert prefilter_default(torch.device("cpu"), 0.005) is False
 
 
 # ----------------------------------------------------------------------------- Detector
