@@ -102,7 +102,7 @@ def head_candidates(outputs: Sequence[torch.Tensor], indices: Sequence[int],
         offsets.append(off)
         off += masks[-1].numel()
     result = Candidates({} for _ in range(N))
-    if not (dev.type != "cpu" if packed is None else packed):  # nothing to transfer: per layer, no packing
+    if not (dev.type != "cpu" if packed is None else packed):  # CPU: per layer, no packing
         segments = []
         for (li, o, n, K, e), m in zip(filt, masks):
             local = m.nonzero().squeeze(1)

@@ -304,9 +304,10 @@ def use_darknet_batchnorm(model: nn.Module, enabled: bool = True) -> nn.Module:
 
 def convert_sync_batchnorm(model: nn.Module, darknet_bn: bool = True) -> nn.Module:
     """Every BatchNorm of ``model`` as ``torch.nn.SyncBatchNorm`` (batch statistics over all
-    processes of the group; the module is changed in place and returned); with ``darknet_bn`` normalising with darknet's unbiased
-    variance (``use_darknet_batchnorm``). Parameters and buffers are the same tensors under
-    the same names (``.bn``), so .weights / state_dict saving and loading are unchanged."""
+    processes of the group; the module is changed in place and returned); with ``darknet_bn``
+    normalising with darknet's unbiased variance (``use_darknet_batchnorm``). Parameters and
+    buffers are the same tensors under the same names (``.bn``), so .weights / state_dict saving
+    and loading are unchanged."""
     model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # new modules, the same tensors
     if darknet_bn:
         use_darknet_batchnorm(model)

@@ -108,7 +108,7 @@ def _yolo(classes=3, mask=(0, 1, 2), new_coords=0, kind="yolo", **kw):
 
 
 def _output(head, H, W, rng, obj=None):
-    """A plausible (C, H, W) head output: logistic x/y/obj/cls, raw w/h (logistic for new_coords)."""
+    """A plausible (C, H, W) head output: logistic x/y/obj/cls, raw w/h (new_coords: logistic)."""
     K = head.entries
     o = rng.random((head.n, K, H, W), dtype=np.float32)
     if head.kind == "yolo" and not head.new_coords:
