@@ -64,7 +64,8 @@ CPU_MICRO_BATCH = 4
 
 # Detector(prefilter=None) on CPU: on from this threshold. bench/decode.py (CPU, copy + decode
 # without NMS, prefilter / full time): thresh 0.25 (3% of the slots pass): yolov4-tiny 1.27 at
-# batch 1 (+0.07 ms) and 0.45 at batch 8, yolov4 0.89 and 0.25; thresh 0.005 (99% pass): 1.1-2.0
+# batch 1 (+0.07 ms) and 0.45 at batch 8, yolov4 0.89 and 0.25; thresh 0.1: 0.69-1.48;
+# thresh 0.005 (99% pass): 1.1-2.0
 CPU_PREFILTER_THRESH = 0.2
 
 
