@@ -33,6 +33,9 @@ def register(group: click.Group) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--torch-bn", is_flag=True, help="train-mode batch-norm with PyTorch's biased variance "
               "instead of darknet's unbiased one")
+@click.option("--sync-bn", is_flag=True, help="multi-process CUDA training (torchrun): batch-norm "
+              "statistics over all processes' images (torch.nn.SyncBatchNorm; NCCL); ignored "
+              "with one process")
 @click.option("--winograd/--no-winograd", default=None,
               help="CPU: wide 3x3 convolutions and their gradients by Winograd [default: on; "
                    "1.1-1.2x faster; float rounding differs from oneDNN's at ~1e-5 relative]")
@@ -49,7 +52,7 @@ def register(group: click.Group) -> None:
               help="take the fine-tuning stage's settings from this cfg (same layers)")
 @_friendly
 def train(data, cfg, weights, calc_map, map_every, clear, device, workers, max_batches, threads,
-          backup, seed, torch_bn, winograd, amp, sets, finetune_at, finetune_sets, finetune_cfg):
+          backup, seed, torch_bn, sync_bn, winograd, amp, sets, finetune_at, finetune_sets, finetune_cfg):
     """Train CFG on the Darknet-format DATA (obj.data), like `darknet detector train`.
 
     WEIGHTS: start from these .weights (a `_last.weights` resumes at its iteration; a
@@ -62,7 +65,7 @@ def train(data, cfg, weights, calc_map, map_every, clear, device, workers, max_b
     t = Trainer(TrainOptions(data=data, cfg=cfg, weights=weights, clear=clear, device=device,
                              workers=workers, max_batches=max_batches, calc_map=calc_map,
                              map_every=map_every, backup=backup, seed=seed, threads=threads,
-                             darknet_bn=not torch_bn, winograd=winograd, amp=amp,
+                             darknet_bn=not torch_bn, sync_bn=sync_bn, winograd=winograd, amp=amp,
                              sets=tuple(sets), finetune_at=finetune_at,
                              finetune_sets=tuple(finetune_sets), finetune_cfg=finetune_cfg,
                              log=lambda m: click.echo(m, err=True)))

@@ -22,6 +22,7 @@ from . import lowp
 from .errors import DarknetError
 from .postprocess import (NMS_KINDS, Detections, HeadParams, _diou_matrix, box_iou_matrix,
                           darknet_order, do_nms, get_network_boxes, nms_orders)
+from .prefilter import Candidates, head_candidates
 from .preprocess import detector_input, load_image
 from .runtime import exact_float32, keep_freed_memory
 from .tta import tta_detections
@@ -59,6 +60,22 @@ def _head_params(specs) -> Dict[int, HeadParams]:
 # batch vs image by image: yolov4-tiny 41.0 vs 43.4, yolov4 359-360 vs 368-376, yolov4-csp
 # 555 vs 554 (with runtime.keep_freed_memory; before it, image by image was 1.1-1.4x faster)
 CPU_MICRO_BATCH = 4
+
+
+# Detector(prefilter=None) on CPU: on from this threshold. bench/decode.py (CPU, copy + decode
+# without NMS, prefilter / full time): thresh 0.25 (3% of the slots pass): yolov4-tiny 1.27 at
+# batch 1 (+0.07 ms) and 0.45 at batch 8, yolov4 0.89 and 0.25; thresh 0.1: 0.69-1.48;
+# thresh 0.005 (99% pass): 1.1-2.0
+CPU_PREFILTER_THRESH = 0.2
+
+
+def prefilter_default(device: torch.device, thresh: float = 0.25) -> bool:
+    """``Detector(prefilter=None)``: on for CUDA (only the candidates cross to the host); on
+    CPU only at ``thresh >= CPU_PREFILTER_THRESH`` (few slots pass; below, nearly all do and the
+    gather costs more than the plain copy)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and float(thresh) >= CPU_PREFILTER_THRESH
 
 
 def forward_micro_batches(model, x: torch.Tensor, micro_batch: int) -> List[torch.Tensor]:
@@ -130,6 +147,10 @@ class Detector:
     convolutions, the rest as bf16) calibrated on ``calib`` (a folder of images, the first
     ``calib_count``) and saved to ``calib_cache`` (reused while the model is unchanged). Where the CPU lacks the instructions
     it warns and runs float32; ``self.precision`` says what runs.
+    ``prefilter`` (None: auto, ``prefilter_default``): decode from the slots whose objectness
+    passes ``thresh``, selected and gathered on the outputs' device with one nonzero and one
+    packed copy (prefilter.py) instead of copying every head output to the host; the same boxes
+    bit for bit. Auto: on for CUDA, on CPU for ``thresh >= 0.2``. ``tta`` decodes in full.
     On CPU it also calls ``runtime.keep_freed_memory()`` (glibc malloc keeps freed activation
     memory for the next forward: 5-10% faster; ``DARKNET_CFG_MALLOC=0`` turns it off).
     """
@@ -140,7 +161,8 @@ class Detector:
                  micro_batch: Optional[int] = None,
                  winograd: Union[bool, int] = False, cuda_graph: bool = False,
                  tta: bool = False, precision: str = "fp32", calib=None, calib_cache=None,
-                 calib_count: Optional[int] = None, darknet_array_order: bool = False):
+                 calib_count: Optional[int] = None, darknet_array_order: bool = False,
+                 prefilter: Optional[bool] = None):
         specs = model.heads
         if not specs:
             raise DarknetError(f"{os.path.basename(model.graph.path)}: no [yolo], "
@@ -193,6 +215,9 @@ class Detector:
         # lists; `detect --json` uses it); off, the boxes keep the decoding order (layer, anchor,
         # cell), the order the API's Detections always have
         self.darknet_array_order = bool(darknet_array_order)
+        # device-side objectness prefilter before the host copy (prefilter.py); same boxes
+        self.prefilter = prefilter_default(self.device, self.thresh) if prefilter is None \
+            else bool(prefilter)
 
     # ---------------------------------------------------------------------------- steps
     def prepare(self, image: Image) -> Tuple[np.ndarray, Tuple[int, int]]:
@@ -202,6 +227,20 @@ class Detector:
 
     def forward(self, batch: np.ndarray) -> List[Dict[int, np.ndarray]]:
         """Batched forward of (N, 3, h, w) inputs; per image ``{layer: (C, H, W) float32}``."""
+        with torch.inference_mode(), exact_float32(self.exact):
+            outs = self._forward_tensors(batch)
+            arrays = [o.float().cpu().contiguous().numpy() for o in outs]  # NCHW for decoding
+        idx = self.model.output_indices
+        return [{li: a[n] for li, a in zip(idx, arrays)} for n in range(len(batch))]
+
+    def forward_candidates(self, batch: np.ndarray) -> Candidates:
+        """``forward`` with the device-side prefilter (prefilter.py): per image ``{layer:
+        HeadCandidates}`` (full arrays for [region]); ``decode`` gives the same boxes."""
+        with torch.inference_mode(), exact_float32(self.exact):
+            outs = self._forward_tensors(batch)
+            return head_candidates(outs, self.model.output_indices, self.heads, self.thresh)
+
+    def _forward_tensors(self, batch: np.ndarray) -> List[torch.Tensor]:
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
         if self.device.type == "cuda":  # one pinned host buffer per shape: asynchronous copy
             buf = self._pinned.get(x.shape)
@@ -209,14 +248,9 @@ class Detector:
                 buf = self._pinned[x.shape] = torch.empty(x.shape, pin_memory=True)
             x = buf.copy_(x).to(self.device, non_blocking=True)
         x = x.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
-        with torch.inference_mode(), exact_float32(self.exact):
-            if self.graphs is not None:
-                outs = self.graphs(x)
-            else:
-                outs = forward_micro_batches(self._run, x, self.micro_batch)
-            arrays = [o.float().cpu().contiguous().numpy() for o in outs]  # NCHW for decoding
-        idx = self.model.output_indices
-        return [{li: a[n] for li, a in zip(idx, arrays)} for n in range(len(batch))]
+        if self.graphs is not None:
+            return self.graphs(x)
+        return forward_micro_batches(self._run, x, self.micro_batch)
 
     def decode(self, outputs: Dict[int, np.ndarray], size: Tuple[int, int]) -> Detections:
         """Darknet's get_network_boxes for one image of (width, height) ``size``."""
@@ -250,7 +284,8 @@ class Detector:
             dets = tta_detections(self.forward, ims, self.heads, self.tta_sizes, self.thresh,
                                   self.letter_box)
         else:
-            outs = self.forward(np.stack([self.prepare(im)[0] for im in ims]))
+            fwd = self.forward_candidates if self.prefilter else self.forward
+            outs = fwd(np.stack([self.prepare(im)[0] for im in ims]))
             dets = [self.decode(out, size) for out, size in zip(outs, sizes)]
         out = []
         for d, size in zip(dets, sizes):

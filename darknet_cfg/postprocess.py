@@ -21,6 +21,8 @@ from typing import Mapping, Optional, Tuple
 
 import numpy as np
 
+from .prefilter import HeadCandidates
+
 __all__ = ["HeadParams", "Detections", "get_network_boxes", "do_nms", "nms_orders", "darknet_order",
            "box_iou_matrix", "NMS_KINDS"]
 
@@ -224,19 +226,35 @@ def _check_channels(out: np.ndarray, head: HeadParams, layer_index) -> int:
     return K
 
 
-def _decode_layer(out: np.ndarray, head: HeadParams, layer_index, net_w: int, net_h: int,
+def _decode_layer(out, head: HeadParams, layer_index, net_w: int, net_h: int,
                   thresh: np.float32):
     """Darknet's get_yolo_detections / get_gaussian_yolo_detections / custom_get_region_detections
     for one layer, before correct_yolo_boxes. Returns a dict of per-box arrays."""
-    _, H, W = out.shape
     n = head.n
-    if head.kind == "region":  # every cell becomes a box
+    if isinstance(out, HeadCandidates):  # prefiltered on the device (prefilter.py): same rows
+        if head.kind == "region":
+            raise ValueError(f"detection layer {layer_index}: [region] layers emit every box; "
+                             f"pass the full output, not candidates")
+        H, W = out.height, out.width
+        if out.channels != n * head.entries:
+            _check_channels(np.empty((out.channels, 0, 0), _F), head, layer_index)
+        v = out.values[:, :head.entries]
+        row, col, slot = out.row, out.col, out.slot
+        if thresh != out.thresh:  # candidates passed another threshold
+            if not thresh > out.thresh:
+                raise ValueError(f"detection layer {layer_index}: candidates were prefiltered at "
+                                 f"objectness > {out.thresh}, cannot decode at thresh {thresh}")
+            keep = v[:, 4 if head.kind == "yolo" else 8] > thresh
+            v, row, col, slot = v[keep], row[keep], col[keep], slot[keep]
+    elif head.kind == "region":  # every cell becomes a box
+        _, H, W = out.shape
         v = _cells(out, head, layer_index)
         cell = np.arange(H * W * n)
         slot = cell % n
         row = (cell // n) // W
         col = (cell // n) % W
     else:  # only the cells whose objectness passes, gathered in darknet's (row, col, anchor) order
+        _, H, W = out.shape
         per = out.reshape(n, _check_channels(out, head, layer_index), H, W)
         obj = per[:, 4 if head.kind == "yolo" else 8].transpose(1, 2, 0)     # (H, W, n)
         row, col, slot = np.nonzero(obj > thresh)  # strict; NaN never passes
@@ -342,7 +360,8 @@ def get_network_boxes(outputs: Mapping[int, object], heads: Mapping[int, HeadPar
                       thresh: float = 0.25, letter_box: bool = False) -> Detections:
     """Darknet's ``get_network_boxes(net, image_w, image_h, thresh, hier, 0, relative=1, ...)``.
 
-    ``outputs[i]`` is the (C, H, W) output of detection layer ``i`` for one image and
+    ``outputs[i]`` is the (C, H, W) output of detection layer ``i`` for one image (or, for
+    yolo / Gaussian_yolo, its ``prefilter.HeadCandidates``: the same result) and
     ``heads[i]`` its parameters. Layers are visited in index order, cells row-major,
     anchor slots inner. yolo / Gaussian_yolo emit a box for each slot with ``obj > thresh``;
     region emits every (cell, anchor) with objectness 1. Class probabilities are
@@ -363,7 +382,8 @@ def get_network_boxes(outputs: Mapping[int, object], heads: Mapping[int, HeadPar
     parts = []
     for li in sorted(heads):
         head = heads[li]
-        d = _decode_layer(_to_numpy(outputs[li]), head, li, int(net_w), int(net_h), th)
+        out = outputs[li]
+        d = _decode_layer(out if isinstance(out, HeadCandidates) else _to_numpy(out), head, li, int(net_w), int(net_h), th)
         d["boxes"] = _correct_boxes(d["boxes"], head.kind, int(image_w), int(image_h),
                                     int(net_w), int(net_h), bool(letter_box))
         d["layer"] = np.full(len(d["boxes"]), li, dtype=np.int64)

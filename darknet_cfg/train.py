@@ -29,6 +29,13 @@ identity: that is darknet's forward), so it costs nothing extra and autograd giv
 gradient of that forward (darknet's own CPU BN
 backward is an approximation; the oracle's variant_fixed shows the difference is ~1e-3 relative).
 Running statistics: both use ``0.9*rolling + 0.1*batch`` with the unbiased variance.
+
+Several processes (torchrun): gradients are summed and the running statistics averaged after
+each iteration (``_sync_gradients_and_stats``); each process normalises with its own images'
+statistics. ``sync_bn`` (``--sync-bn``, CUDA/NCCL only) converts BatchNorm to
+``torch.nn.SyncBatchNorm`` after the initial broadcast: batch statistics over all processes'
+images (as one process with the whole batch would compute them, darknet's unbiased variance
+kept), running statistics then identical everywhere and no longer averaged.
 """
 from __future__ import annotations
 
@@ -54,7 +61,7 @@ from .runtime import cudnn_autotune, exact_float32, keep_freed_memory
 
 __all__ = ["get_current_rate", "darknet_param_groups", "darknet_adam_params", "DarknetAdam",
            "make_optimizer", "set_rate",
-           "use_darknet_batchnorm", "HeadLoss", "train_step_loss", "Trainer", "TrainOptions",
+           "use_darknet_batchnorm", "convert_sync_batchnorm", "HeadLoss", "train_step_loss", "Trainer", "TrainOptions",
            "images_per_iteration", "checkpoint_names", "DarknetEMA"]
 
 
@@ -252,17 +259,58 @@ def _darknet_bn_forward(self, x):
                         self.bias, True, self.momentum, self.eps * f)
 
 
+def _darknet_sync_bn_forward(self, x):
+    """SyncBatchNorm with darknet's unbiased normalisation over ALL processes' images: the
+    same scaled weight / eps identity with n = the global count (every process trains the same
+    mini-batch shape, so n = world * local n). Without a process group of 2+: as BatchNorm."""
+    import torch.distributed as dist
+    if not (self.training and dist.is_available() and dist.is_initialized()):
+        return _darknet_bn_forward(self, x)
+    group = self.process_group or dist.group.WORLD
+    world = dist.get_world_size(group)
+    if world == 1:
+        return _darknet_bn_forward(self, x)
+    if x.device.type == "cpu":
+        return self._torch_forward(x)  # torch refuses CPU tensors here (ValueError)
+    return _sync_bn_apply(self, x, group, world)
+
+
+def _sync_bn_apply(bn, x, group, world: int):
+    from torch.nn.modules._functions import SyncBatchNorm as SyncBNFunction
+    n = world * (x.numel() // x.shape[1])
+    if n < 2:
+        return bn._torch_forward(x)
+    f = (n - 1) / n
+    return SyncBNFunction.apply(x, bn.weight * math.sqrt(f), bn.bias, bn.running_mean,
+                                bn.running_var, bn.eps * f, bn.momentum, group, world)
+
+
 def use_darknet_batchnorm(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Make every BatchNorm of ``model`` normalise with the unbiased batch variance in training
-    mode (darknet's forward_batchnorm_layer); eval mode is unchanged."""
+    mode (darknet's forward_batchnorm_layer); eval mode is unchanged. SyncBatchNorm modules
+    (``convert_sync_batchnorm``) get the same over the whole process group."""
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             if enabled:
                 if not hasattr(m, "_torch_forward"):
                     m._torch_forward = m.forward
-                m.forward = types.MethodType(_darknet_bn_forward, m)
+                fwd = _darknet_sync_bn_forward if isinstance(m, nn.SyncBatchNorm) \
+                    else _darknet_bn_forward
+                m.forward = types.MethodType(fwd, m)
             elif hasattr(m, "_torch_forward"):
                 m.forward = m._torch_forward
+    return model
+
+
+def convert_sync_batchnorm(model: nn.Module, darknet_bn: bool = True) -> nn.Module:
+    """Every BatchNorm of ``model`` as ``torch.nn.SyncBatchNorm`` (batch statistics over all
+    processes of the group; the module is changed in place and returned); with ``darknet_bn``
+    normalising with darknet's unbiased variance (``use_darknet_batchnorm``). Parameters and
+    buffers are the same tensors under the same names (``.bn``), so .weights / state_dict saving
+    and loading are unchanged."""
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # new modules, the same tensors
+    if darknet_bn:
+        use_darknet_batchnorm(model)
     return model
 
 
@@ -431,13 +479,15 @@ def _broadcast_module(model: nn.Module) -> None:
         dist.broadcast(t.data, 0)
 
 
-def _sync_gradients_and_stats(model: nn.Module, cost: float) -> float:
+def _sync_gradients_and_stats(model: nn.Module, cost: float, stats: bool = True) -> float:
     """Sum the gradients over the processes (darknet sums over the images of an iteration),
     average the batch-norm running statistics (every process then holds the same model) and sum
-    the reported cost. One all_reduce of a flat buffer."""
+    the reported cost. One all_reduce of a flat buffer. ``stats=False`` (--sync-bn: every
+    process already computed the same running statistics from the global batch) skips them."""
     import torch.distributed as dist
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    stats = [b for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))]
+    stats = [b for n, b in model.named_buffers()
+             if n.endswith(("running_mean", "running_var"))] if stats else []
     dev = grads[0].device if grads else (stats[0].device if stats else torch.device("cpu"))
     world = dist.get_world_size()
     flat = torch.cat([g.reshape(-1) for g in grads] + [b.reshape(-1) / world for b in stats]
@@ -522,6 +572,7 @@ class TrainOptions:
     progress: bool = True
     threads: Optional[int] = None
     darknet_bn: bool = True
+    sync_bn: bool = False            # multi-process CUDA: BatchNorm over all processes' images
     channels_last: Optional[bool] = None  # None: on for CPU (oneDNN's NHWC kernels are faster)
     #                                       and for --amp on CUDA (tensor cores)
     winograd: Optional[bool] = None  # wide 3x3 convolutions and their gradients by Winograd
@@ -556,6 +607,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         log = o.log or (lambda m: print(m, file=sys.stderr))
         self.log = log if self.rank == 0 else (lambda m: None)
+        self.sync_bn = self._check_sync_bn()
         torch.manual_seed(o.seed)
         self.data = read_data_file(o.data)
         from .overrides import apply_sets
@@ -586,6 +638,8 @@ class Trainer:
         self.model = model.to(self.device)
         if self.world > 1:
             _broadcast_module(self.model)
+        if self.sync_bn:  # after the broadcast: the same tensors, now synchronised in training
+            self.model = convert_sync_batchnorm(self.model, darknet_bn=o.darknet_bn)
         if self.device.type == "cpu":
             keep_freed_memory()  # see runtime.py: no page faults for the batch's activations
         # channels_last: oneDNN's NHWC kernels on CPU; tensor cores with --amp on CUDA
@@ -634,6 +688,26 @@ class Trainer:
         self.switched_at: Optional[int] = None
         if o.finetune_at is not None or o.finetune_cfg or o.finetune_sets:
             self._prepare_finetune()
+
+    def _check_sync_bn(self) -> bool:
+        """--sync-bn: on with several CUDA processes; 1 process: a warning, ignored; CPU
+        processes: an error (torch's SyncBatchNorm takes GPU tensors only)."""
+        if not self.o.sync_bn:
+            return False
+        if self.world <= 1:
+            if self.rank == 0:
+                warnings.warn("--sync-bn ignored: one training process (start several with "
+                              "torchrun --nproc_per_node=N for it to apply)", RuntimeWarning)
+            return False
+        if self.device.type != "cuda":
+            if self._own_pg:
+                import torch.distributed as dist
+                dist.destroy_process_group()
+            raise DarknetError(f"--sync-bn: SyncBatchNorm needs CUDA processes (NCCL); these "
+                               f"{self.world} processes train on {self.device.type} (gloo). Use "
+                               f"--device cuda, or drop --sync-bn (the processes then average "
+                               f"the running statistics after each iteration)")
+        return True
 
     def _warn(self, msg: str) -> None:
         self.log(f"warning: {msg}")
@@ -775,7 +849,7 @@ class Trainer:
                                           self.scaler)
                 total += cost
         if self.world > 1:
-            total = _sync_gradients_and_stats(self.model, total) / self.world
+            total = _sync_gradients_and_stats(self.model, total, stats=not self.sync_bn) / self.world
         self.iteration += 1
         rate = get_current_rate(self.settings, self.iteration)
         set_rate(self.opt, rate, self.settings, self.B, self.iteration)
