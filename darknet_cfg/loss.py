@@ -371,6 +371,35 @@ def _iou_grid(px, py, pw, ph, tx, ty, tw, th) -> Tensor:
     return torch.where(ok, inter / torch.where(ok, union, torch.ones_like(union)), torch.zeros_like(inter))
 
 
+def _best_iou(px: Tensor, py: Tensor, pw: Tensor, ph: Tensor, tt: Tensor, valid: Tensor):
+    """Best box_iou of every prediction with the truths of its image, and the first truth that
+    has it (as ``_iou_grid(...).max(-1)``).  px..ph: (N, P); tt: (N, T, 4); valid: (N, T).
+    Computed in blocks of predictions that stay in cache (the CPU) or in one go (a GPU)."""
+    N, P = px.shape
+    T = tt.shape[1]
+    tx, ty, tw, th = (tt[:, None, :, k] for k in range(4))
+    tl, tr, tt_, tb = tx - tw / 2, tx + tw / 2, ty - th / 2, ty + th / 2
+    ta = tw * th
+    inval = ~valid[:, None, :]
+    step = P if px.device.type != "cpu" else max(1, (1 << 16) // max(1, N * T))
+    best, idx = [], []
+    for s in range(0, P, step):
+        bx, by, bw, bh = (v[:, s:s + step, None] for v in (px, py, pw, ph))
+        iw = torch.minimum(bx + bw / 2, tr)
+        iw.sub_(torch.maximum(bx - bw / 2, tl))
+        ih = torch.minimum(by + bh / 2, tb)
+        ih.sub_(torch.maximum(by - bh / 2, tt_))
+        neg = (iw < 0).logical_or_(ih < 0)
+        inter = iw.mul_(ih).masked_fill_(neg, 0.0)
+        union = (bw * bh + ta).sub_(inter)
+        bad = (inter == 0).logical_or_(union == 0)
+        iou = inter.div_(union.masked_fill_(bad, 1.0)).masked_fill_(bad, 0.0)
+        m, k = iou.masked_fill_(inval, -math.inf).max(dim=-1)
+        best.append(m)
+        idx.append(k)
+    return torch.cat(best, 1), torch.cat(idx, 1)
+
+
 def _truths_per_image(targets: Tensor, batch: int, max_boxes: int) -> List[List[Tuple[float, ...]]]:
     """Split (M, 6) [image, class, x, y, w, h] into per-image lists of (x, y, w, h, class, row) in
     row order, as Darknet's ``state.truth`` buffer would hold them (row: index in ``targets``)."""
@@ -978,20 +1007,29 @@ def yolo_loss(head_input: Tensor, targets: Tensor, params: YoloLossParams, net_w
     gradient w.r.t. head_input.  ``stats`` (a LossStats; values are read lazily): ``cost``, the
     printed ``avg_iou, count, class_loss, iou_loss, total_loss`` (per image, as printed), the
     unprinted averages, ``assignments``, ``delta`` and ``output`` (Darknet's ``l.delta`` /
-    ``l.output``, float32, shape of head_input).  Same numbers as yolo_loss_reference: the truth
-    loop's order effects (several truths in one anchor slot) are replayed in rounds, one per
+    ``l.output``, float32, shape of head_input).  The same numbers as yolo_loss_reference: the
+    truth loop's order effects (several truths in one anchor slot) are replayed in rounds, one per
     rank of a truth within its slot.  ``seen`` is unused by [yolo]."""
     p = params
     N, C, H, W = head_input.shape
-    n, K, NC = p.n, p.classes + 5, p.classes
+    n, K = p.n, p.classes + 5
     dev, f64 = head_input.device, torch.float64
+    on_cpu = dev.type == "cpu"
     with torch.no_grad():
         out32 = yolo_forward(head_input.detach(), p)
     S = N * n * H * W
-    o = out32.to(f64).reshape(N, n, K, H, W).permute(0, 1, 3, 4, 2).contiguous()   # (N, n, H, W, K)
-    delta = torch.zeros_like(o)
+    o5 = out32.view(N, n, K, H, W)
+    ox, oy, ow, oh, obj = (o5[:, :, k].to(f64) for k in range(5))          # (N, n, H, W)
     mult = (torch.tensor(p.classes_multipliers, dtype=f64, device=dev)
             if p.classes_multipliers is not None else None)
+
+    def split(slot: Tensor):
+        return slot // (n * H * W), (slot // (H * W)) % n, (slot // W) % H, slot % W
+
+    def out_rows(slot: Tensor) -> Tensor:
+        """The layer output of these anchor slots, (R, K) float64."""
+        b, a, j, i = split(slot)
+        return o5[b, a, :, j, i].to(f64)
 
     # ---- truths and the truth loop's plan (CPU, from the targets alone)
     bk, box, tcls, trow = _truth_table(targets, N, p)
@@ -1001,19 +1039,17 @@ def yolo_loss(head_input: Tensor, targets: Tensor, params: YoloLossParams, net_w
     Tmax = int(cnt_img.max()) if T else 0
     pos_in_img = torch.arange(T) - (torch.cumsum(cnt_img, 0) - cnt_img)[bk] if T else bk
 
+    # ---- every prediction: no-object delta, ignored by its best IoU with any truth
     gx = torch.arange(W, dtype=f64, device=dev).view(1, 1, 1, W)
     gy = torch.arange(H, dtype=f64, device=dev).view(1, 1, H, 1)
     aw = torch.tensor([p.anchors[2 * m] for m in p.mask], dtype=f64, device=dev).view(1, n, 1, 1)
     ah = torch.tensor([p.anchors[2 * m + 1] for m in p.mask], dtype=f64, device=dev).view(1, n, 1, 1)
-    ox, oy, ow, oh, obj = (o[..., k] for k in range(5))
     px, py = (gx + ox) / W, (gy + oy) / H
     if p.new_coords:
         pw, ph = ow ** 2 * 4 * aw / net_w, oh ** 2 * 4 * ah / net_h
     else:
         pw, ph = torch.exp(ow) * aw / net_w, torch.exp(oh) * ah / net_h
     avg_anyobj = obj.sum()
-
-    # ---- every prediction: best IoU with any truth of its image (first max wins)
     if Tmax:
         tt = torch.zeros(N, Tmax, 4, dtype=f64)
         tt[bk, pos_in_img] = box
@@ -1021,17 +1057,15 @@ def yolo_loss(head_input: Tensor, targets: Tensor, params: YoloLossParams, net_w
         tc[bk, pos_in_img] = tcls
         valid = (torch.arange(Tmax)[None] < cnt_img[:, None])
         tt, tc, valid = tt.to(dev), tc.to(dev), valid.to(dev)
-        v = lambda k: tt[:, None, None, None, :, k]                   # noqa: E731  (N,1,1,1,Tmax)
-        ious = _iou_grid(px[..., None], py[..., None], pw[..., None], ph[..., None], v(0), v(1), v(2), v(3))
-        ious = torch.where(valid[:, None, None, None, :], ious, torch.full_like(ious, -math.inf))
-        best_iou, best_t = ious.max(dim=-1)
+        best_iou, best_t = _best_iou(*(v.reshape(N, -1) for v in (px, py, pw, ph)), tt, valid)
+        best_iou, best_t = best_iou.view(N, n, H, W), best_t.view(N, n, H, W)
         has = (cnt_img > 0).to(dev).view(N, 1, 1, 1)
         best_iou = torch.where(has, best_iou, torch.zeros_like(best_iou))
-        del ious
     else:
         best_iou = torch.zeros_like(obj)
         best_t = torch.zeros(obj.shape, dtype=torch.long, device=dev)
-    class_match = (o[..., 5:] > 0.25).any(dim=-1)
+    del px, py, pw, ph
+    class_match = (o5[:, :, 5:] > 0.25).any(dim=2)     # only then can an anchor be ignored
     best_match = torch.where(class_match, best_iou, torch.zeros_like(best_iou))
     d_obj = p.obj_normalizer * (0 - obj)
     ign = best_match > p.ignore_thresh
@@ -1039,43 +1073,48 @@ def yolo_loss(head_input: Tensor, targets: Tensor, params: YoloLossParams, net_w
         d_obj = torch.where(ign, torch.maximum(d_obj, p.obj_normalizer * (best_match - obj)), d_obj)
     else:
         d_obj = torch.where(ign, torch.zeros_like(d_obj), d_obj)
-    delta[..., 4] = d_obj
 
-    of, df = o.view(S, K), delta.view(S, K)
-    slot_ar = torch.arange(S, device=dev)
-    a_of = (slot_ar // (H * W)) % n
+    # ---- the anchor slots that get more than the no-object delta: a table of their delta rows.
+    #      CPU: only those slots; a device: every slot (no host synchronisation for the
+    #      truth_thresh positives, which depend on the predictions)
+    pos = (best_iou > p.truth_thresh).view(S) if Tmax else None
+    if on_cpu:
+        pos_slots = pos.nonzero()[:, 0] if Tmax else torch.zeros(0, dtype=torch.long)
+        rows_slot = torch.unique(torch.cat([pos_slots, plan["slot"]]))
+        row_of = torch.full((S,), -1, dtype=torch.long)
+        row_of[rows_slot] = torch.arange(len(rows_slot))
+    else:
+        pos_slots = rows_slot = row_of = torch.arange(S, device=dev)
+    U = len(rows_slot)
+    table = torch.zeros(U, K, dtype=f64, device=dev)
+    table[:, 4] = d_obj.view(S)[rows_slot]
     mask_t = torch.tensor(p.mask, dtype=torch.long, device=dev)
     an_t = torch.tensor(p.anchors[:2 * p.num], dtype=f64, device=dev).view(p.num, 2)
 
-    # ---- predictions whose best IoU exceeds truth_thresh become positives.  On the CPU only
-    #      those slots are processed; on a device every slot (masked) to avoid a host sync.
+    # ---- predictions whose best IoU exceeds truth_thresh become positives (truth_thresh=1: never)
     total_bbox = torch.zeros((), dtype=torch.long, device=dev)
-    if Tmax:
-        pos = (best_iou > p.truth_thresh).view(S)
-        sl = pos.nonzero()[:, 0] if dev.type == "cpu" else slot_ar
+    if Tmax and len(pos_slots):
+        sl = pos_slots
         pm = pos[sl]
-        if sl.numel():
-            bidx = sl // (n * H * W)
-            bt = best_t.view(S)[sl]
-            truth = tt[bidx, bt]
-            cl = tc[bidx, bt]
-            bi = best_iou.view(S)[sl]
-            iou_mult = bi * bi
-            ov = of[sl, 4]
-            row = df[sl]
-            new_obj = p.obj_normalizer * ((iou_mult if p.objectness_smooth else 1) - ov)
-            cls_rows = _t_class_rows(p, of[sl, 5:], cl, row[:, 5:], mult)
-            cm = mult[cl] if mult is not None else torch.ones_like(bi)
-            if p.objectness_smooth:
-                sm = cm * (iou_mult - of[sl].gather(1, 5 + cl[:, None])[:, 0])
-                cls_rows = cls_rows.scatter(1, cl[:, None], sm[:, None])
-            k_id = mask_t[a_of[sl]]
-            dbox, _, _ = _t_box_deltas(p, of[sl, :4], (sl % W).to(f64), ((sl // W) % H).to(f64),
-                                       an_t[k_id, 0], an_t[k_id, 1], truth, p.iou_normalizer * cm,
-                                       W, H, net_w, net_h)
-            new_row = torch.cat([row[:, :4] + dbox, new_obj[:, None], cls_rows], 1)
-            df[sl] = torch.where(pm[:, None], new_row, row)
-            total_bbox = total_bbox + pm.sum()
+        bidx, a_idx, j_idx, i_idx = split(sl)
+        bt = best_t.view(S)[sl]
+        truth, cl = tt[bidx, bt], tc[bidx, bt]
+        ors = out_rows(sl)
+        r_idx = row_of[sl]
+        row = table[r_idx]
+        iou_mult = best_iou.view(S)[sl] ** 2
+        new_obj = p.obj_normalizer * ((iou_mult if p.objectness_smooth else 1) - ors[:, 4])
+        cls_rows = _t_class_rows(p, ors[:, 5:], cl, row[:, 5:], mult)
+        cm = mult[cl] if mult is not None else torch.ones_like(iou_mult)
+        if p.objectness_smooth:
+            sm = cm * (iou_mult - ors.gather(1, 5 + cl[:, None])[:, 0])
+            cls_rows = cls_rows.scatter(1, cl[:, None], sm[:, None])
+        k_id = mask_t[a_idx]
+        dbox, _, _ = _t_box_deltas(p, ors[:, :4], i_idx.to(f64), j_idx.to(f64), an_t[k_id, 0],
+                                   an_t[k_id, 1], truth, p.iou_normalizer * cm, W, H, net_w, net_h)
+        new_row = torch.cat([row[:, :4] + dbox, new_obj[:, None], cls_rows], 1)
+        table[r_idx] = torch.where(pm[:, None], new_row, row)
+        total_bbox = total_bbox + pm.sum()
 
     # ---- every truth -> its anchor slots, in Darknet's order (rounds of equal rank in a slot)
     A = len(plan["slot"])
@@ -1083,21 +1122,23 @@ def yolo_loss(head_input: Tensor, targets: Tensor, params: YoloLossParams, net_w
         pd = {k: v.to(dev) for k, v in plan.items() if isinstance(v, Tensor)}
         sl, cl = pd["slot"], tcls.to(dev)[pd["truth"]]
         truth = box.to(dev)[pd["truth"]]
+        ors = out_rows(sl)
         cm = mult[cl] if mult is not None else torch.ones(A, dtype=f64, device=dev)
-        dbox, iou, giou = _t_box_deltas(p, of[sl, :4], pd["i"].to(f64), pd["j"].to(f64),
+        dbox, iou, giou = _t_box_deltas(p, ors[:, :4], pd["i"].to(f64), pd["j"].to(f64),
                                         an_t[pd["anchor_id"], 0], an_t[pd["anchor_id"], 1], truth,
                                         p.iou_normalizer * cm, W, H, net_w, net_h)
-        ov = of[sl, 4]
+        ov = ors[:, 4]
         new_obj = cm * p.obj_normalizer * (1 - ov)
-        pc = of[sl].gather(1, 5 + cl[:, None])[:, 0]
+        pc = ors.gather(1, 5 + cl[:, None])[:, 0]
         eps = p.label_smooth_eps
         y1 = 1.0 if not eps else 1.0 * (1 - eps) + 0.5 * eps
         quirk_r = y1 - pc
         rewritten = torch.zeros((), dtype=torch.long, device=dev)
+        r_all = row_of[sl]
         rounds = [(plan["rank"] == r).nonzero()[:, 0].to(dev) for r in range(plan["rounds"])]
         for sel in rounds:                        # members of a round hit distinct slots
-            s, c = sl[sel], cl[sel]
-            row = df[s]
+            r_idx, c = r_all[sel], cl[sel]
+            row = table[r_idx]
             rewritten = rewritten + (row[:, :4] != 0).any(dim=1).sum()
             box_new = row[:, :4] + dbox[sel]
             if p.objectness_smooth:               # keeps an objectness delta already set
@@ -1106,14 +1147,14 @@ def yolo_loss(head_input: Tensor, targets: Tensor, params: YoloLossParams, net_w
                 o_new = new_obj[sel]
             cur = row[:, 5:]
             cur_c = cur.gather(1, c[:, None])[:, 0]
-            fresh = _t_class_rows(p, of[s, 5:], c, cur, mult)
+            fresh = _t_class_rows(p, ors[sel, 5:], c, cur, mult)
             # Darknet quirk: a class that already has a delta -> only that class is set
             q = torch.where(torch.isfinite(quirk_r[sel]), quirk_r[sel], cur_c)
             if mult is not None:
                 q = q * mult[c]
             quirk_row = cur.scatter(1, c[:, None], q[:, None])
             cls_new = torch.where((cur_c != 0)[:, None], quirk_row, fresh)
-            df[s] = torch.cat([box_new, o_new[:, None], cls_new], 1)
+            table[r_idx] = torch.cat([box_new, o_new[:, None], cls_new], 1)
         total_bbox = total_bbox + A
         tot_iou, tot_iou_loss, tot_giou_loss = iou.sum(), (1 - iou).sum(), (1 - giou).sum()
         recall, recall75 = (iou > 0.5).sum().to(f64), (iou > 0.75).sum().to(f64)
@@ -1125,17 +1166,27 @@ def yolo_loss(head_input: Tensor, targets: Tensor, params: YoloLossParams, net_w
         tot_iou = tot_iou_loss = tot_giou_loss = recall = recall75 = avg_obj = avg_cat = z
 
     # ---- iou_thresh < 1: box deltas of every anchor with an objectness delta are divided by the
-    #      number of its classes with a positive delta (averages_yolo_deltas)
+    #      number of its classes with a positive delta (averages_yolo_deltas; only table rows
+    #      have class deltas)
     if p.iou_thresh < 1.0:
-        npos = (delta[..., 5:] > 0).sum(dim=-1).to(f64)
-        sel = (delta[..., 4] != 0) & (npos > 0)
-        delta[..., :4] = torch.where(sel[..., None], delta[..., :4] / npos.clamp(min=1)[..., None],
-                                     delta[..., :4])
+        npos = (table[:, 5:] > 0).sum(dim=1).to(f64)
+        sel = (table[:, 4] != 0) & (npos > 0)
+        table[:, :4] = torch.where(sel[:, None], table[:, :4] / npos.clamp(min=1)[:, None], table[:, :4])
 
-    delta32 = delta.permute(0, 1, 4, 2, 3).to(torch.float32).contiguous()      # (N, n, K, H, W)
-    d64 = delta32.to(f64)
-    total = (d64 * d64).sum()
-    non_box = (d64[:, :, 4:] ** 2).sum()
+    # ---- Darknet's float l.delta: the no-object column everywhere, the table rows on top
+    obj32 = d_obj.to(torch.float32)
+    t32 = table.to(torch.float32)
+    delta32 = torch.zeros(N, n, K, H, W, dtype=torch.float32, device=dev)
+    delta32[:, :, 4] = obj32
+    b_r, a_r, j_r, i_r = split(rows_slot)
+    delta32[b_r, a_r, :, j_r, i_r] = t32
+    untouched = torch.ones(S, dtype=torch.bool, device=dev)
+    untouched[rows_slot] = False
+    o64 = obj32.to(f64).view(S)
+    obj_sq = (o64 * o64 * untouched).sum()
+    t64 = t32.to(f64)
+    total = obj_sq + (t64 * t64).sum()
+    non_box = obj_sq + (t64[:, 4:] * t64[:, 4:]).sum()
     count = A if A else 1                                  # Darknet prints count = 1 when none
     class_loss = p.obj_normalizer * non_box                # Darknet quirk: scaled by obj_normalizer
     if not p.show_details or p.iou_loss == "mse":
@@ -1143,7 +1194,7 @@ def yolo_loss(head_input: Tensor, targets: Tensor, params: YoloLossParams, net_w
     else:
         iou_term = tot_giou_loss if p.iou_loss == "giou" else tot_iou_loss
         cost = p.iou_normalizer * iou_term / count + class_loss
-    delta_out = delta32.reshape(N, C, H, W)
+    delta_out = delta32.view(N, C, H, W)
 
     def assignments():
         ious = iou.tolist()
@@ -1160,7 +1211,7 @@ def yolo_loss(head_input: Tensor, targets: Tensor, params: YoloLossParams, net_w
         recall75=recall75 / count, tot_iou=tot_iou, tot_iou_loss=tot_iou_loss,
         tot_giou_loss=tot_giou_loss, rewritten_bbox=rewritten,
         total_bbox=total_bbox, assignments=assignments, delta=delta_out, output=out32)
-    loss = _DeltaLoss.apply(head_input, cost.detach() if isinstance(cost, Tensor) else cost, delta_out)
+    loss = _DeltaLoss.apply(head_input, cost.detach(), delta_out)
     return loss, stats
 
 

@@ -127,7 +127,10 @@ def compare(x: torch.Tensor, targets, p, net_w, net_h, device="cpu"):
         if math.isnan(b):
             assert math.isnan(a), (k, a, b)
             continue
-        err = abs(a - b) / max(abs(b), 1e-300) if a != b else 0.0
+        scale = abs(b)
+        if k == "iou_loss":          # total - class_loss: relative to the terms, not the difference
+            scale = max(abs(sr["total_loss"]), abs(sr["class_loss"]))
+        err = abs(a - b) / max(scale, 1e-300) if a != b else 0.0
         worst = max(worst, err)
     # the value is the cost in float32 (the reference's surrogate turns an inf cost into nan)
     c32 = torch.tensor(sr["cost"], dtype=torch.float32).item()
