@@ -844,7 +844,7 @@ def _t_box_deltas(p: YoloLossParams, xs: Tensor, i: Tensor, j: Tensor, aw: Tenso
 
 def _t_class_rows(p: YoloLossParams, probs: Tensor, cls: Tensor, cur: Tensor, mult: Optional[Tensor]):
     """delta_yolo_class when the class has no delta yet: the new (A, C) class rows."""
-    onehot = torch.nn.functional.one_hot(cls, p.classes).to(torch.float64)
+    onehot = (torch.arange(p.classes, device=cls.device) == cls[:, None]).to(torch.float64)  # no sync
     pc = probs.gather(1, cls[:, None])[:, 0]
     if p.focal_loss:
         pt = pc + 1e-15
@@ -998,7 +998,7 @@ class _DeltaLoss(torch.autograd.Function):
 
 
 def yolo_loss(head_input: Tensor, targets: Tensor, params: YoloLossParams, net_w: int, net_h: int,
-              seen: int = 0) -> Tuple[Tensor, Dict]:
+              seen: int = 0, *, dense: Optional[bool] = None) -> Tuple[Tensor, Dict]:
     """Darknet's [yolo] training loss (forward_yolo_layer / process_batch, CPU build), vectorised.
 
     head_input: (N, n*(5+C), H, W) raw input of the layer (the conv output), on any device.
@@ -1009,12 +1009,14 @@ def yolo_loss(head_input: Tensor, targets: Tensor, params: YoloLossParams, net_w
     unprinted averages, ``assignments``, ``delta`` and ``output`` (Darknet's ``l.delta`` /
     ``l.output``, float32, shape of head_input).  The same numbers as yolo_loss_reference: the
     truth loop's order effects (several truths in one anchor slot) are replayed in rounds, one per
-    rank of a truth within its slot.  ``seen`` is unused by [yolo]."""
+    rank of a truth within its slot.  ``seen`` is unused by [yolo].  ``dense``: keep a delta row
+    for every anchor slot (default on a GPU: no host synchronisation) instead of only for the
+    slots that get one (default on the CPU); the results are the same."""
     p = params
     N, C, H, W = head_input.shape
     n, K = p.n, p.classes + 5
     dev, f64 = head_input.device, torch.float64
-    on_cpu = dev.type == "cpu"
+    compact = (dev.type == "cpu") if dense is None else not dense
     with torch.no_grad():
         out32 = yolo_forward(head_input.detach(), p)
     S = N * n * H * W
@@ -1078,7 +1080,7 @@ def yolo_loss(head_input: Tensor, targets: Tensor, params: YoloLossParams, net_w
     #      CPU: only those slots; a device: every slot (no host synchronisation for the
     #      truth_thresh positives, which depend on the predictions)
     pos = (best_iou > p.truth_thresh).view(S) if Tmax else None
-    if on_cpu:
+    if compact:
         pos_slots = pos.nonzero()[:, 0] if Tmax else torch.zeros(0, dtype=torch.long)
         rows_slot = torch.unique(torch.cat([pos_slots, plan["slot"]]))
         row_of = torch.full((S,), -1, dtype=torch.long)
