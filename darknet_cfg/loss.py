@@ -7,7 +7,9 @@ those deltas, plus an IoU term for giou/diou/ciou) whose gradient is *not* the d
 
 So the functions here compute Darknet's delta exactly (float64 arithmetic on the float32 layer
 outputs, no autograd), and return a scalar whose VALUE is Darknet's ``l.cost`` and whose GRADIENT
-with respect to ``head_input`` is ``-delta``:
+with respect to ``head_input`` is ``-delta``.  ``yolo_loss`` is vectorised (any device, no host
+synchronisation, a custom autograd Function); ``yolo_loss_reference`` and ``region_loss`` are
+direct transcriptions of Darknet's loops and use the surrogate
 
     loss = cost + (S - S.detach()),   S = -(delta * head_input).sum()
 
