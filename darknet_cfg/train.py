@@ -404,8 +404,10 @@ class HeadLoss:
     def __call__(self, outs, targets, net_w: int, net_h: int, seen: int):
         """(sum of the layer losses: gradient = -delta summed over images, list of stats)."""
         total, stats = None, []
-        # the loss works on small tensors: one thread avoids OpenMP synchronisation costs that
-        # dominate (milliseconds per tiny op) when the cores are shared
+        # the loss works on small tensors (the vectorised yolo_loss too: cache-sized blocks, a
+        # table of the assigned slots): one thread avoids OpenMP synchronisation costs that
+        # dominate when the cores are shared (bench/loss.py on 2 shared cores: 2 threads were
+        # 2-20x slower than 1); on CUDA only the small CPU-side planning runs here
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -414,9 +416,8 @@ class HeadLoss:
         finally:
             torch.set_num_threads(threads)
         for loss, st in results:
-            st.pop("assignments", None)
-            st.pop("output", None)
-            st.pop("delta", None)
+            for key in ("assignments", "output", "delta"):
+                dict.pop(st, key, None)          # without building LossStats' lazy values
             total = loss if total is None else total + loss
             stats.append(st)
         return total, stats
