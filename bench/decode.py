@@ -38,25 +38,14 @@ SHARED = Path(os.environ.get("DARKNET_CFG_SHARED", REPO.parent / "shared"))
 sys.path.insert(0, str(REPO))
 
 from darknet_cfg.infer import nms_matrix  # noqa: E402
-from darknet_cfg.postprocess import HeadParams, get_network_boxes  # noqa: E402
+from darknet_cfg.postprocess import get_network_boxes  # noqa: E402
 from darknet_cfg.prefilter import head_candidates  # noqa: E402
 
 
 def load_case(name: str):
-    d = SHARED / "oracle" / "models" / name
-    sys.path.insert(0, str(SHARED / "oracle"))
-    import oracle_io
-    layout = json.loads((d / "layout.json").read_text())
-    ref = json.loads((d / "detections.json").read_text())
-    heads, outs = {}, {}
-    with np.load(d / "outputs.npz") as z:
-        for key in z.files:
-            li = int(key)
-            layer = layout["layers"][li]
-            heads[li] = HeadParams.from_layout_layer(layer)
-            a = z[key]
-            outs[li] = oracle_io.region_output_to_chw(a) if layer["type"] == "region" else a
-    return heads, outs, ref
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import oracle_detector  # the suite's reader of an oracle detector folder
+    return oracle_detector(SHARED / "oracle" / "models" / name)
 
 
 def run_case(name, batch, thresh, runs, device, nms=True):

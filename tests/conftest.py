@@ -25,6 +25,27 @@ def oracle_io():
     return oio
 
 
+def oracle_detector(d):
+    """(heads, outputs, detections.json) of one oracle detector folder: each detection layer's
+    HeadParams from layout.json and its output from outputs.npz ([region] as (C, H, W))."""
+    import json
+
+    import numpy as np
+
+    from darknet_cfg.postprocess import HeadParams
+    oio = oracle_io()
+    layout = json.loads((Path(d) / "layout.json").read_text())
+    ref = json.loads((Path(d) / "detections.json").read_text())
+    heads, outs = {}, {}
+    with np.load(Path(d) / "outputs.npz") as z:
+        for key in z.files:
+            li = int(key)
+            layer = layout["layers"][li]
+            heads[li] = HeadParams.from_layout_layer(layer)
+            outs[li] = oio.region_output_to_chw(z[key]) if layer["type"] == "region" else z[key]
+    return heads, outs, ref
+
+
 def model_names():
     d = ORACLE / "models"
     return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []

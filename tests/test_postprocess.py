@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ORACLE, model_names, needs_shared, oracle_io
+from conftest import ORACLE, model_names, needs_shared, oracle_detector
 
 from darknet_cfg.postprocess import (Detections, HeadParams, box_iou_matrix, do_nms,
                                      get_network_boxes)
@@ -29,17 +29,7 @@ def _detector_dirs():
 
 def _run_oracle(d):
     """Decode + NMS of an oracle's outputs.npz with its layout/meta parameters."""
-    oio = oracle_io()
-    layout = json.loads((d / "layout.json").read_text())
-    ref = json.loads((d / "detections.json").read_text())
-    heads, outs = {}, {}
-    with np.load(d / "outputs.npz") as z:
-        for key in z.files:
-            li = int(key)
-            layer = layout["layers"][li]
-            heads[li] = HeadParams.from_layout_layer(layer)
-            arr = z[key]
-            outs[li] = oio.region_output_to_chw(arr) if layer["type"] == "region" else arr
+    heads, outs, ref = oracle_detector(d)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dets = get_network_boxes(outs, heads, ref["net_w"], ref["net_h"], ref["image_w"],

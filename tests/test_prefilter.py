@@ -1,13 +1,12 @@
 """Device-side candidate prefilter (prefilter.py): the same Detections, bit for bit, as
 decoding the full head outputs (get_network_boxes), before and after NMS, in Darknet's order."""
-import json
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import IMAGES, needs_shared, oracle_io
+from conftest import IMAGES, needs_shared, oracle_detector
 from test_postprocess import _detector_dirs
 
 from darknet_cfg.infer import Detector, nms_matrix, prefilter_default
@@ -55,19 +54,8 @@ def check_all(full, pre, kind="default", beta=0.6):
 
 
 def _oracle(d):
-    oio = oracle_io()
-    layout = json.loads((d / "layout.json").read_text())
-    ref = json.loads((d / "detections.json").read_text())
-    heads, outs = {}, {}
-    with np.load(d / "outputs.npz") as z:
-        for key in z.files:
-            li = int(key)
-            layer = layout["layers"][li]
-            heads[li] = HeadParams.from_layout_layer(layer)
-            a = z[key]
-            outs[li] = np.ascontiguousarray(oio.region_output_to_chw(a) if layer["type"] == "region"
-                                            else a, dtype=np.float32)
-    return heads, outs, ref
+    heads, outs, ref = oracle_detector(d)
+    return heads, {k: np.ascontiguousarray(a, dtype=np.float32) for k, a in outs.items()}, ref
 
 
 @needs_shared
