@@ -10,6 +10,11 @@ if platform.machine().lower() in ("x86_64", "amd64") and sys.platform.startswith
     EXT.append(Extension("darknet_cfg.layers._winograd", sources=["layers/_winograd.c"],
                          extra_compile_args=["-O3", "-mavx2", "-mfma", "-fopenmp"],
                          extra_link_args=["-fopenmp"], optional=True))
+    # the int8 path's input quantization (layers/_quantize.c; without it layers/quantized.py
+    # runs a compiled torch kernel, same bytes)
+    EXT.append(Extension("darknet_cfg.layers._quantize", sources=["layers/_quantize.c"],
+                         extra_compile_args=["-O3", "-mavx2", "-fopenmp"],
+                         extra_link_args=["-fopenmp"], optional=True))
 
 setup(
     name="darknet_cfg",

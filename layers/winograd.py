@@ -29,14 +29,14 @@ own float32 rounding (1.4e-6).
 from __future__ import annotations
 
 import ctypes
-import importlib.machinery
 import weakref
-from pathlib import Path
 from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ._native import load
 
 _BAND_BYTES = 8 << 20        # transformed input/output of one band of tile rows (fits L3)
 # conv -> {tile: (weights' identity, _Plan)}: transformed weights per tile size used
@@ -82,19 +82,14 @@ _TRANSFORMS = {m: _Transforms(m) for m in (2, 4)}
 def _load_kernels():
     """The compiled transforms (layers/_winograd.c, built by setup.py when a C compiler is
     there), or None: not built, or a CPU without AVX2/FMA."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = Path(__file__).with_name("_winograd" + suffix)
-        if path.is_file():
-            lib = ctypes.CDLL(str(path))   # after torch: its OpenMP runtime is the one used
-            p, i = ctypes.c_void_p, ctypes.c_int
-            lib.wino_input.argtypes = [p, ctypes.c_long, i, i, i, i, i, i, i, i, p, i]
-            lib.wino_input.restype = lib.wino_grad_tiles.restype = i
-            lib.wino_output.argtypes = [p, i, i, i, i, i, i, i, i, p, ctypes.c_float, i, p, i]
-            lib.wino_grad_tiles.argtypes = [p, ctypes.c_long, i, i, i, i, i, i, i, i, p, i]
-            return lib
-    return None
+    lib = load("_winograd")
+    if lib is not None:
+        p, i = ctypes.c_void_p, ctypes.c_int
+        lib.wino_input.argtypes = [p, ctypes.c_long, i, i, i, i, i, i, i, i, p, i]
+        lib.wino_input.restype = lib.wino_grad_tiles.restype = i
+        lib.wino_output.argtypes = [p, i, i, i, i, i, i, i, i, p, ctypes.c_float, i, p, i]
+        lib.wino_grad_tiles.argtypes = [p, ctypes.c_long, i, i, i, i, i, i, i, i, p, i]
+    return lib
 
 
 _LIB = _load_kernels()   # tests set this to None to check the torch fallback

@@ -227,3 +227,34 @@ def test_detect_cli_flags(tmp_path, monkeypatch):
     monkeypatch.setattr(lowp, "cpu_supports", lambda p: True)
     r = _run("detect", cfg, weights, img, "--int8")  # no --calib and nothing saved yet
     assert r.exit_code != 0 and "int8 needs calibration images" in r.output
+
+
+def test_quantize_kernel_matches_torch(monkeypatch):
+    """The C kernel (layers/_quantize.c) writes the bytes of the torch expression it replaces,
+    for bfloat16 and float32, both dense layouts, odd sizes, extremes and NaN; a non-dense
+    input (a channel slice) takes the compiled torch kernel."""
+    from darknet_cfg.layers import quantized
+    if quantized._LIB is None:
+        pytest.skip("layers/_quantize.c not built here (no C compiler or no AVX2)")
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        for shape in ((1, 3, 5, 7), (2, 64, 13, 13), (1, 32, 52, 52)):
+            x = (torch.randn(shape, generator=g) * 4).to(dtype)
+            x.view(-1)[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30,
+                                           -1e30, 0.0], dtype=dtype)
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                xs = x.contiguous(memory_format=fmt)
+                inv, zp = torch.tensor(1 / 0.037), torch.tensor(71.0)
+                want = quantized._quantize_eager(xs, inv, zp)
+                want[0, 0, 0, 0] = 0  # NaN: the kernel writes 0 (torch leaves it unspecified)
+                with torch.no_grad():
+                    got = quantized.quantize(xs, inv, zp)
+                assert got.stride() == xs.stride()
+                assert torch.equal(got, want), (dtype, shape, fmt)
+    x = torch.randn(1, 8, 6, 6).contiguous(memory_format=torch.channels_last)[:, 2:6]
+    calls = []
+    monkeypatch.setattr(quantized._LIB, "quantize_u8", lambda *a: calls.append(a))
+    with torch.no_grad():
+        out = quantized.quantize(x, torch.tensor(10.0), torch.tensor(3.0))
+    assert not calls and torch.equal(out, quantized._quantize_eager(x, torch.tensor(10.0),
+                                                                    torch.tensor(3.0)))
