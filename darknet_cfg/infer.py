@@ -331,7 +331,7 @@ def nms_matrix(dets: Detections, nms_thresh: float = 0.45, kind: str = "default"
     # class (nms_orders: prob descending, ties as its stable qsort leaves them), then padded to
     # a (classes, L) table: Darknet's per-class greedy passes run in lockstep, L = the most
     # candidates any class has
-    _, per_class = nms_orders(dets, classes)
+    _, per_class = nms_orders(dets, classes, final=False)
     lens = np.array([len(per_class[k]) for k in classes])
     row_of = np.full(len(dets), -1, np.int64)
     row_of[rows] = np.arange(len(rows))

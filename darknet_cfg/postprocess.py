@@ -474,7 +474,7 @@ def _qsort_keys(probs: np.ndarray) -> np.ndarray:
     return key
 
 
-def nms_orders(dets: Detections, classes=None):
+def nms_orders(dets: Detections, classes=None, final: bool = True):
     """Darknet's array order during ``do_nms_sort`` / ``diounms_sort``.
 
     Returns ``(final, per_class)``: ``per_class[k]`` lists the boxes with ``prob[k] != 0``
@@ -487,16 +487,18 @@ def nms_orders(dets: Detections, classes=None):
     sort by (key K-1, ..., key 0, initial place): ``final`` is one ``lexsort``, and class k's
     order is its own key's, with the order before class k (a ``lexsort`` by the earlier keys)
     deciding only where two of its non-zero probabilities tie.
-    ``classes``: the classes whose order is wanted in ``per_class`` (default all)."""
+    ``classes``: the classes whose order is wanted in ``per_class`` (default all);
+    ``final=False``: skip ``final`` (None), which NMS itself does not need."""
     order = _active_order(dets.objectness)
     n, n_classes = len(order), dets.probs.shape[1]
     key = _qsort_keys(dets.probs[order])                       # (n, K), rows in initial order
     init = np.arange(n)
-    final = order[np.lexsort((init,) + tuple(key.T))] if n_classes else order
+    last = order[np.lexsort((init,) + tuple(key.T))] if n_classes and final else \
+        (order if final else None)
     want = list(range(n_classes)) if classes is None else sorted({int(k) for k in classes})
     per_class = {}
     if not want or n == 0:
-        return final, {k: order[:0] for k in want}
+        return last, {k: order[:0] for k in want}
     kw = key[:, want]
     srt = np.argsort(kw, axis=0, kind="stable")                # ties: initial order
     sk = np.take_along_axis(kw, srt, axis=0)
@@ -509,7 +511,7 @@ def nms_orders(dets: Detections, classes=None):
             before[np.lexsort((init,) + tuple(key[:, :k].T))] = init
             idx = np.lexsort((before, key[:, k]))[:counts[ci]]
         per_class[k] = order[idx]
-    return final, per_class
+    return last, per_class
 
 
 def darknet_order(dets: Detections) -> np.ndarray:
@@ -544,7 +546,7 @@ def do_nms(dets: Detections, nms_thresh: float = 0.45, kind: str = "default",
     else:
         exponent = None  # default; cornersnms suppresses on IoU > thresh exactly like default
 
-    _, per_class = nms_orders(dets)
+    _, per_class = nms_orders(dets, final=False)
     for k, order in per_class.items():  # darknet skips exactly-zero entries: not listed
         if len(order) < 2:
             continue
