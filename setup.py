@@ -15,6 +15,11 @@ if platform.machine().lower() in ("x86_64", "amd64") and sys.platform.startswith
     EXT.append(Extension("darknet_cfg.layers._quantize", sources=["layers/_quantize.c"],
                          extra_compile_args=["-O3", "-mavx2", "-fopenmp"],
                          extra_link_args=["-fopenmp"], optional=True))
+    # NMS with thousands of boxes (layers/_nms.c; without it darknet_cfg/infer.py's numpy path,
+    # same results). No fused multiply-adds: the IoU must round as numpy's does.
+    EXT.append(Extension("darknet_cfg.layers._nms", sources=["layers/_nms.c"],
+                         extra_compile_args=["-O3", "-ffp-contract=off", "-fopenmp"],
+                         extra_link_args=["-fopenmp"], optional=True))
 
 setup(
     name="darknet_cfg",

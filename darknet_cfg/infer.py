@@ -10,6 +10,7 @@ JSON frames (``detection_to_json``) and COCO result records (``print_cocos``).
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import re
@@ -320,7 +321,7 @@ def nms_matrix(dets: Detections, nms_thresh: float = 0.45, kind: str = "default"
         return do_nms(dets, nms_thresh, kind, beta_nms)
     boxes = dets.boxes[rows]
     th = np.float32(nms_thresh)
-    over = box_iou_matrix(boxes, boxes) > th  # over[i, j]: box i (higher prob) suppresses box j
+    over = _over_matrix(boxes, th)  # over[i, j]: box i (higher prob) suppresses box j
     if kind in ("greedynms", "diounms"):
         # DIoU = IoU - u with u >= 0 (or IoU where c == 0), so only pairs whose IoU passes can
         # pass: the float64 pow runs for those pairs only (same float32 expressions)
@@ -340,7 +341,8 @@ def nms_matrix(dets: Detections, nms_thresh: float = 0.45, kind: str = "default"
     pos = np.arange(len(r)) - np.repeat(np.cumsum(lens) - lens, lens)  # place in its pass
     L, n = int(pos.max()) + 1, len(rows)
     if len(classes) * L * L > dense_limit:
-        dead = _greedy_sparse(over, r, c, pos, len(classes), L)
+        dead = _greedy_native(over, r, c, pos, len(classes), L) if _NMS is not None else \
+            _greedy_sparse(over, r, c, pos, len(classes), L)
         probs[rows[r[dead]], classes[c[dead]]] = 0
         return dets.with_probs(probs)
     chunk = max(1, (1 << 24) // (L * L))                       # bounds the (K, L, L) gather
@@ -360,6 +362,47 @@ def nms_matrix(dets: Detections, nms_thresh: float = 0.45, kind: str = "default"
     return dets.with_probs(probs)
 
 
+def _load_nms():
+    from .layers._native import load
+    lib = load("_nms")
+    if lib is not None:
+        p, lg = ctypes.c_void_p, ctypes.c_long
+        lib.iou_over.argtypes = [p, lg, ctypes.c_float, p]
+        lib.iou_over.restype = None
+        lib.greedy.argtypes = [p, lg, p, lg, lg, p]
+        lib.greedy.restype = ctypes.c_int
+    return lib
+
+
+_NMS = _load_nms()  # layers/_nms.c, or None (tests set None to check the numpy paths)
+_NATIVE_MIN_BOXES = 256  # below this numpy's broadcasting is as fast
+
+
+def _over_matrix(boxes: np.ndarray, th: np.float32) -> np.ndarray:
+    """``box_iou_matrix(boxes, boxes) > th``; in C (same float32 expressions, same flags) for
+    many finite boxes."""
+    b = np.ascontiguousarray(boxes, dtype=np.float32)
+    if _NMS is None or len(b) < _NATIVE_MIN_BOXES or not np.isfinite(b).all():
+        return box_iou_matrix(b, b) > th
+    over = np.empty((len(b), len(b)), np.uint8)
+    _NMS.iou_over(b.ctypes.data, len(b), float(th), over.ctypes.data)
+    return over.view(bool)
+
+
+def _greedy_native(over: np.ndarray, r: np.ndarray, c: np.ndarray, pos: np.ndarray,
+                   n_classes: int, length: int) -> np.ndarray:
+    """``_greedy_sparse`` in C (layers/_nms.c): the same passes, the same survivors."""
+    table = np.full((n_classes, length), -1, np.int64)
+    table[c, pos] = r
+    alive = np.zeros((n_classes, length), np.uint8)
+    alive[c, pos] = 1
+    over = np.ascontiguousarray(over, dtype=bool)
+    if _NMS.greedy(over.ctypes.data, over.shape[0], table.ctypes.data, n_classes, length,
+                   alive.ctypes.data) != 0:
+        raise MemoryError("NMS: out of memory for the overlap lists")
+    return alive[c, pos] == 0
+
+
 def _greedy_sparse(over: np.ndarray, r: np.ndarray, c: np.ndarray, pos: np.ndarray,
                    n_classes: int, length: int) -> np.ndarray:
     """Darknet's greedy passes of all classes in lockstep, touching overlapping pairs only.
@@ -370,6 +413,8 @@ def _greedy_sparse(over: np.ndarray, r: np.ndarray, c: np.ndarray, pos: np.ndarr
     suppressed candidates (a boolean mask over m)."""
     n = over.shape[0]
     src, dst = np.nonzero(over)                                 # sorted by src
+    off = src != dst                                            # a box never suppresses itself
+    src, dst = src[off], dst[off]
     start = np.searchsorted(src, np.arange(n + 1))
     place = np.full((n_classes, n), -1, np.int64)               # place of box j in class k's pass
     place[c, r] = pos

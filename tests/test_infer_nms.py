@@ -181,3 +181,34 @@ def test_nms_sparse_equals_do_nms_on_oracles(model_dir):
     last = heads[ref["nms_layer"]]
     got = nms_matrix(dets, ref["nms"], last.nms_kind, last.beta_nms, dense_limit=0)
     np.testing.assert_array_equal(got.probs, after.probs)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("kind", ["default", "greedynms", "diounms"])
+def test_native_nms_equals_numpy_and_do_nms(seed, kind, monkeypatch):
+    """layers/_nms.c (IoU flags and greedy passes for many boxes) gives do_nms's result, as the
+    numpy paths do; boxes with ties, zero sizes, duplicates; a NaN box keeps numpy's path."""
+    from darknet_cfg import infer
+    if infer._NMS is None:
+        pytest.skip("layers/_nms.c not built here")
+    rng = np.random.default_rng(200 + seed)
+    n, c = int(rng.integers(260, 500)), int(rng.integers(1, 8))
+    centres = rng.uniform(0.1, 0.9, (int(rng.integers(5, 40)), 2))
+    xy = centres[rng.integers(0, len(centres), n)] + rng.normal(0, 0.02, (n, 2))
+    wh = np.where(rng.random((n, 2)) < 0.03, 0, rng.uniform(0.02, 0.3, (n, 2)))
+    boxes = np.concatenate([xy, wh], axis=1).astype(np.float32)
+    boxes[1] = boxes[0]
+    values = rng.choice([0.3, 0.5, 0.7], (n, c)) if seed % 2 else rng.random((n, c))
+    probs = np.where(rng.random((n, c)) < 0.6, values, 0).astype(np.float32)
+    obj = np.where(rng.random(n) < 0.05, 0, 1).astype(np.float32)
+    z = np.zeros(n, np.int64)
+    dets = Detections(boxes, obj, probs, z, z, z, z, z)
+    want = do_nms(dets, 0.45, kind, 0.6).probs
+    for limit in (0, 1 << 22):  # sparse greedy pass and dense table
+        np.testing.assert_array_equal(nms_matrix(dets, 0.45, kind, 0.6, dense_limit=limit).probs, want)
+    monkeypatch.setattr(infer, "_NMS", None)
+    np.testing.assert_array_equal(nms_matrix(dets, 0.45, kind, 0.6, dense_limit=0).probs, want)
+    monkeypatch.undo()
+    boxes[5, 0] = np.nan
+    want = do_nms(dets, 0.45, kind, 0.6).probs
+    np.testing.assert_array_equal(nms_matrix(dets, 0.45, kind, 0.6, dense_limit=0).probs, want)
