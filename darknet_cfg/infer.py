@@ -321,13 +321,10 @@ def nms_matrix(dets: Detections, nms_thresh: float = 0.45, kind: str = "default"
         return do_nms(dets, nms_thresh, kind, beta_nms)
     boxes = dets.boxes[rows]
     th = np.float32(nms_thresh)
-    over = _over_matrix(boxes, th)  # over[i, j]: box i (higher prob) suppresses box j
-    if kind in ("greedynms", "diounms"):
-        # DIoU = IoU - u with u >= 0 (or IoU where c == 0), so only pairs whose IoU passes can
-        # pass: the float64 pow runs for those pairs only (same float32 expressions)
-        i, j = np.nonzero(over)
-        exponent = 0.6 if kind == "greedynms" else float(np.float32(beta_nms))
-        over[i, j] = _diou_matrix(boxes[i], boxes[j], exponent, outer=False) > th
+    # DIoU = IoU - u with u >= 0 (or IoU where c == 0), so only pairs whose IoU passes can
+    # pass: the float64 pow runs for those pairs only (same float32 expressions)
+    exponent = None if kind in ("default", "cornersnms") else \
+        0.6 if kind == "greedynms" else float(np.float32(beta_nms))
     # every (box, class) candidate, grouped by class in the order of Darknet's pass for that
     # class (nms_orders: prob descending, ties as its stable qsort leaves them), then padded to
     # a (classes, L) table: Darknet's per-class greedy passes run in lockstep, L = the most
@@ -341,10 +338,15 @@ def nms_matrix(dets: Detections, nms_thresh: float = 0.45, kind: str = "default"
     pos = np.arange(len(r)) - np.repeat(np.cumsum(lens) - lens, lens)  # place in its pass
     L, n = int(pos.max()) + 1, len(rows)
     if len(classes) * L * L > dense_limit:
-        dead = _greedy_native(over, r, c, pos, len(classes), L) if _NMS is not None else \
-            _greedy_sparse(over, r, c, pos, len(classes), L)
+        src, dst = _suppression_pairs(boxes, th, exponent)
+        dead = _greedy_native(src, dst, n, r, c, pos, len(classes), L) if _NMS is not None \
+            else _greedy_sparse(src, dst, n, r, c, pos, len(classes), L)
         probs[rows[r[dead]], classes[c[dead]]] = 0
         return dets.with_probs(probs)
+    over = _over_matrix(boxes, th)  # over[i, j]: box i (higher prob) suppresses box j
+    if exponent is not None:
+        i, j = np.nonzero(over)
+        over[i, j] = _diou_matrix(boxes[i], boxes[j], exponent, outer=False) > th
     chunk = max(1, (1 << 24) // (L * L))                       # bounds the (K, L, L) gather
     for lo in range(0, len(classes), chunk):
         sel = (c >= lo) & (c < lo + chunk)
@@ -369,7 +371,9 @@ def _load_nms():
         p, lg = ctypes.c_void_p, ctypes.c_long
         lib.iou_over.argtypes = [p, lg, ctypes.c_float, p]
         lib.iou_over.restype = None
-        lib.greedy.argtypes = [p, lg, p, lg, lg, p]
+        lib.iou_pairs.argtypes = [p, lg, ctypes.c_float, p, p, lg]
+        lib.iou_pairs.restype = lg
+        lib.greedy.argtypes = [p, p, lg, p, lg, lg, p]
         lib.greedy.restype = ctypes.c_int
     return lib
 
@@ -389,32 +393,50 @@ def _over_matrix(boxes: np.ndarray, th: np.float32) -> np.ndarray:
     return over.view(bool)
 
 
-def _greedy_native(over: np.ndarray, r: np.ndarray, c: np.ndarray, pos: np.ndarray,
+def _suppression_pairs(boxes: np.ndarray, th: np.float32, exponent: Optional[float]):
+    """(src, dst): box src suppresses box dst (score > th), src != dst, sorted by src. Darknet's
+    IoU and DIoU are symmetric bit for bit (min, max, + and squares commute), so each pair is
+    scored once; in C (layers/_nms.c) for many finite boxes."""
+    b = np.ascontiguousarray(boxes, dtype=np.float32)
+    n = len(b)
+    if _NMS is not None and n >= _NATIVE_MIN_BOXES and np.isfinite(b).all():
+        cap = n * (n - 1) // 2
+        pi, pj = np.empty(cap, np.int32), np.empty(cap, np.int32)  # pages touched as filled
+        m = _NMS.iou_pairs(b.ctypes.data, n, float(th), pi.ctypes.data, pj.ctypes.data, cap)
+        pi, pj = pi[:m].astype(np.int64), pj[:m].astype(np.int64)
+    else:
+        pi, pj = np.nonzero(np.triu(box_iou_matrix(b, b) > th, 1))
+    if exponent is not None and len(pi):
+        keep = _diou_matrix(b[pi], b[pj], exponent, outer=False) > th
+        pi, pj = pi[keep], pj[keep]
+    src, dst = np.concatenate([pi, pj]), np.concatenate([pj, pi])
+    o = np.argsort(src, kind="stable")
+    return src[o], dst[o]
+
+
+def _greedy_native(src, dst, n: int, r: np.ndarray, c: np.ndarray, pos: np.ndarray,
                    n_classes: int, length: int) -> np.ndarray:
     """``_greedy_sparse`` in C (layers/_nms.c): the same passes, the same survivors."""
     table = np.full((n_classes, length), -1, np.int64)
     table[c, pos] = r
     alive = np.zeros((n_classes, length), np.uint8)
     alive[c, pos] = 1
-    over = np.ascontiguousarray(over, dtype=bool)
-    if _NMS.greedy(over.ctypes.data, over.shape[0], table.ctypes.data, n_classes, length,
-                   alive.ctypes.data) != 0:
-        raise MemoryError("NMS: out of memory for the overlap lists")
+    start = np.searchsorted(src, np.arange(n + 1)).astype(np.int64)
+    dst32 = np.ascontiguousarray(dst, dtype=np.int32)
+    if _NMS.greedy(start.ctypes.data, dst32.ctypes.data, n, table.ctypes.data, n_classes,
+                   length, alive.ctypes.data) != 0:
+        raise MemoryError("NMS: out of memory")
     return alive[c, pos] == 0
 
 
-def _greedy_sparse(over: np.ndarray, r: np.ndarray, c: np.ndarray, pos: np.ndarray,
-                   n_classes: int, length: int) -> np.ndarray:
+def _greedy_sparse(src: np.ndarray, dst: np.ndarray, n: int, r: np.ndarray, c: np.ndarray,
+                   pos: np.ndarray, n_classes: int, length: int) -> np.ndarray:
     """Darknet's greedy passes of all classes in lockstep, touching overlapping pairs only.
 
-    Candidate m is box ``r[m]`` at place ``pos[m]`` of class ``c[m]``'s pass; ``over[i, j]``:
-    box i suppresses box j. Step t: every class's candidate at place t that is still alive
-    suppresses its overlapping boxes that come later in that class's pass. Returns the
-    suppressed candidates (a boolean mask over m)."""
-    n = over.shape[0]
-    src, dst = np.nonzero(over)                                 # sorted by src
-    off = src != dst                                            # a box never suppresses itself
-    src, dst = src[off], dst[off]
+    Candidate m is box ``r[m]`` at place ``pos[m]`` of class ``c[m]``'s pass; box ``src[k]``
+    suppresses box ``dst[k]`` (sorted by src). Step t: every class's candidate at place t that
+    is still alive suppresses its overlapping boxes that come later in that class's pass.
+    Returns the suppressed candidates (a boolean mask over m)."""
     start = np.searchsorted(src, np.arange(n + 1))
     place = np.full((n_classes, n), -1, np.int64)               # place of box j in class k's pass
     place[c, r] = pos

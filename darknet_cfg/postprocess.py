@@ -500,7 +500,9 @@ def nms_orders(dets: Detections, classes=None, final: bool = True):
     if not want or n == 0:
         return last, {k: order[:0] for k in want}
     kw = key[:, want]
-    srt = np.argsort(kw, axis=0, kind="stable")                # ties: initial order
+    # any sort will do: among distinct keys the order is fixed, and the classes where two
+    # non-zero keys tie are sorted again below with Darknet's tie-break (zeros are cut off)
+    srt = np.argsort(np.ascontiguousarray(kw.T), axis=1).T
     sk = np.take_along_axis(kw, srt, axis=0)
     counts = (dets.probs[order][:, want] != 0).sum(axis=0)
     tied = ((sk[1:] == sk[:-1]) & (init[1:, None] < counts[None, :])).any(axis=0)
