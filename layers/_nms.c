@@ -16,44 +16,34 @@
 static inline float fmin2(float a, float b) { return a < b ? a : b; }
 static inline float fmax2(float a, float b) { return a > b ? a : b; }
 
+/* box.c's box_iou of two (x, y, w, h) boxes, its float32 steps in its order */
+static inline float box_iou(const float *a, const float *b) {
+    const float al = a[0] - a[2] / 2.f, ar = a[0] + a[2] / 2.f;
+    const float at = a[1] - a[3] / 2.f, ab = a[1] + a[3] / 2.f;
+    const float bl = b[0] - b[2] / 2.f, br = b[0] + b[2] / 2.f;
+    const float bt = b[1] - b[3] / 2.f, bb = b[1] + b[3] / 2.f;
+    const float ow = fmin2(ar, br) - fmax2(al, bl), oh = fmin2(ab, bb) - fmax2(at, bt);
+    const float inter = (ow < 0 || oh < 0) ? 0.f : ow * oh;
+    const float uni = (a[2] * a[3] + b[2] * b[3]) - inter;
+    return (inter == 0 || uni == 0) ? 0.f : inter / uni;
+}
+
 void iou_over(const float *b, long n, float thresh, uint8_t *over) {
 #pragma omp parallel for schedule(dynamic, 16)
-    for (long i = 0; i < n; i++) {
-        const float ax = b[4 * i], ay = b[4 * i + 1], aw = b[4 * i + 2], ah = b[4 * i + 3];
-        const float al = ax - aw / 2.f, ar = ax + aw / 2.f, at = ay - ah / 2.f, ab = ay + ah / 2.f;
-        const float aa = aw * ah;
-        for (long j = i; j < n; j++) {
-            const float bx = b[4 * j], by = b[4 * j + 1], bw = b[4 * j + 2], bh = b[4 * j + 3];
-            const float bl = bx - bw / 2.f, br = bx + bw / 2.f, bt = by - bh / 2.f, bb = by + bh / 2.f;
-            const float ow = fmin2(ar, br) - fmax2(al, bl), oh = fmin2(ab, bb) - fmax2(at, bt);
-            const float inter = (ow < 0 || oh < 0) ? 0.f : ow * oh;
-            const float uni = (aa + bw * bh) - inter;
-            const float iou = (inter == 0 || uni == 0) ? 0.f : inter / uni;
-            over[i * n + j] = over[j * n + i] = iou > thresh;
-        }
-    }
+    for (long i = 0; i < n; i++)
+        for (long j = i; j < n; j++)
+            over[i * n + j] = over[j * n + i] = box_iou(b + 4 * i, b + 4 * j) > thresh;
 }
 
 long iou_pairs(const float *b, long n, float thresh, int32_t *pi, int32_t *pj, long cap) {
     long m = 0;  /* the pairs i < j with box_iou > thresh, row by row; -1 past cap */
-    for (long i = 0; i < n; i++) {
-        const float ax = b[4 * i], ay = b[4 * i + 1], aw = b[4 * i + 2], ah = b[4 * i + 3];
-        const float al = ax - aw / 2.f, ar = ax + aw / 2.f, at = ay - ah / 2.f, ab = ay + ah / 2.f;
-        const float aa = aw * ah;
-        for (long j = i + 1; j < n; j++) {
-            const float bx = b[4 * j], by = b[4 * j + 1], bw = b[4 * j + 2], bh = b[4 * j + 3];
-            const float bl = bx - bw / 2.f, br = bx + bw / 2.f, bt = by - bh / 2.f, bb = by + bh / 2.f;
-            const float ow = fmin2(ar, br) - fmax2(al, bl), oh = fmin2(ab, bb) - fmax2(at, bt);
-            const float inter = (ow < 0 || oh < 0) ? 0.f : ow * oh;
-            const float uni = (aa + bw * bh) - inter;
-            const float iou = (inter == 0 || uni == 0) ? 0.f : inter / uni;
-            if (iou > thresh) {
+    for (long i = 0; i < n; i++)
+        for (long j = i + 1; j < n; j++)
+            if (box_iou(b + 4 * i, b + 4 * j) > thresh) {
                 if (m >= cap) return -1;
                 pi[m] = (int32_t)i;
                 pj[m++] = (int32_t)j;
             }
-        }
-    }
     return m;
 }
 
