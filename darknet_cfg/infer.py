@@ -298,7 +298,8 @@ class Detector:
 
 
 def nms_matrix(dets: Detections, nms_thresh: float = 0.45, kind: str = "default",
-               beta_nms: float = 0.6, max_boxes: int = 4096, dense_limit: int = 1 << 22) -> Detections:
+               beta_nms: float = 0.6, max_boxes: int = 4096,
+               dense_limit: int = 1 << 22) -> Detections:
     """``postprocess.do_nms`` with every pair's score computed once, vectorised.
 
     Same result bit for bit: the pair scores are the same float32 expressions (evaluated for

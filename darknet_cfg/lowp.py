@@ -180,7 +180,7 @@ def to_int8(model, ranges: Dict[int, Tuple[float, float]]) -> torch.dtype:
 
 
 def save_calibration(path, fp: str, ranges: Dict[int, Tuple[float, float]], count: int) -> None:
-    """The ranges as JSON, with the model's fingerprint (written to a temporary file, then renamed)."""
+    """The ranges as JSON with the model's fingerprint (a temporary file, then renamed)."""
     from .converters.weights import atomic_write
     doc = {"format": CALIBRATION_FORMAT, "fingerprint": fp, "calibration_images": count,
            "ranges": {str(i): [lo, hi] for i, (lo, hi) in sorted(ranges.items())}}

@@ -3,8 +3,9 @@
 Not Darknet's arithmetic: the input is quantized to uint8 with one calibrated range per layer
 (asymmetric, 0 included), the folded weights to int8 per output channel (symmetric, max |w| ->
 127), and oneDNN's VNNI convolution (``torch.ops.onednn.qconv2d_pointwise``, weights prepacked
-once) accumulates in int32 and writes bfloat16 (float32 on a CPU without bfloat16) with the bias added. Activations oneDNN cannot
-fuse into a quantized convolution run after it (mish compiled, leaky in place).
+once) accumulates in int32 and writes bfloat16 (float32 on a CPU without bfloat16) with the
+bias added. Activations oneDNN cannot fuse into a quantized convolution run after it (mish
+compiled, leaky in place).
 """
 from __future__ import annotations
 

@@ -205,7 +205,8 @@ def test_native_nms_equals_numpy_and_do_nms(seed, kind, monkeypatch):
     dets = Detections(boxes, obj, probs, z, z, z, z, z)
     want = do_nms(dets, 0.45, kind, 0.6).probs
     for limit in (0, 1 << 22):  # sparse greedy pass and dense table
-        np.testing.assert_array_equal(nms_matrix(dets, 0.45, kind, 0.6, dense_limit=limit).probs, want)
+        got = nms_matrix(dets, 0.45, kind, 0.6, dense_limit=limit)
+        np.testing.assert_array_equal(got.probs, want)
     monkeypatch.setattr(infer, "_NMS", None)
     np.testing.assert_array_equal(nms_matrix(dets, 0.45, kind, 0.6, dense_limit=0).probs, want)
     monkeypatch.undo()
