@@ -146,8 +146,8 @@ class Detector:
     ``precision`` (opt-in, CPU; not Darknet's numbers, darknet_cfg/lowp.py): ``"bf16"`` bfloat16
     convolutions (float32 heads, decode and NMS), ``"int8"`` static quantization (oneDNN VNNI
     convolutions, the rest as bf16) calibrated on ``calib`` (a folder of images, the first
-    ``calib_count``) and saved to ``calib_cache`` (reused while the model is unchanged). Where the CPU lacks the instructions
-    it warns and runs float32; ``self.precision`` says what runs.
+    ``calib_count``) and saved to ``calib_cache`` (reused while the model is unchanged). Where
+    the CPU lacks the instructions it warns and runs float32; ``self.precision`` says what runs.
     ``prefilter`` (None: auto, ``prefilter_default``): decode from the slots whose objectness
     passes ``thresh``, selected and gathered on the outputs' device with one nonzero and one
     packed copy (prefilter.py) instead of copying every head output to the host; the same boxes
