@@ -383,7 +383,9 @@ def get_network_boxes(outputs: Mapping[int, object], heads: Mapping[int, HeadPar
     for li in sorted(heads):
         head = heads[li]
         out = outputs[li]
-        d = _decode_layer(out if isinstance(out, HeadCandidates) else _to_numpy(out), head, li, int(net_w), int(net_h), th)
+        if not isinstance(out, HeadCandidates):
+            out = _to_numpy(out)
+        d = _decode_layer(out, head, li, int(net_w), int(net_h), th)
         d["boxes"] = _correct_boxes(d["boxes"], head.kind, int(image_w), int(image_h),
                                     int(net_w), int(net_h), bool(letter_box))
         d["layer"] = np.full(len(d["boxes"]), li, dtype=np.int64)
